@@ -1,0 +1,32 @@
+# One venv, pinned versions (constraints.txt). `make demo` is the README's main job, `make test` its test command.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+DATA    ?= $(if $(wildcard ../shared/data/pets),../shared/data/pets,)
+STORE   ?= stores/pets
+
+.PHONY: install demo test lint bench clean
+
+$(BIN)/mammals: pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@touch $@
+
+install: $(BIN)/mammals
+
+demo: install
+	$(BIN)/mammals index $(DATA) --store $(STORE)
+	$(BIN)/mammals info $(STORE)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/python benchmarks/bench_index.py
+
+clean:
+	rm -rf $(VENV) stores
