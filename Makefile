@@ -26,7 +26,8 @@ lint: install
 	$(BIN)/mypy
 
 bench: install
-	$(BIN)/python benchmarks/bench_index.py
+	$(BIN)/python -m benchmarks.bench_index
+	$(BIN)/python -m benchmarks.bench_latents
 
 clean:
 	rm -rf $(VENV) stores

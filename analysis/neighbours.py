@@ -1,0 +1,50 @@
+"""Neighbour-based measures computed from a store alone."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from indexer import schema
+from indexer.store import Store
+
+
+def knn_predictions(
+    vectors: np.ndarray, labels: np.ndarray, *, k: int = 10, weighted: bool = True
+) -> np.ndarray:
+    """Leave-one-out kNN label of every row: a (similarity-weighted) vote of its k nearest other rows.
+
+    ``vectors`` are L2-normalised so inner product is cosine similarity.  Ties go to the label of the nearest
+    neighbour among the tied labels, which keeps the result deterministic.
+    """
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    kk = min(k + 1, len(x))
+    sims, nbrs = index.search(x, kk)
+    preds = np.empty(len(x), dtype=object)
+    for i in range(len(x)):
+        # Drop the query itself by position, not by rank: exact duplicates may outrank it.
+        keep = nbrs[i] != i
+        nb, sm = nbrs[i][keep][:k], sims[i][keep][:k]
+        scores: dict[object, float] = {}
+        first_seen: dict[object, int] = {}
+        for rank, (j, s) in enumerate(zip(nb, sm, strict=True)):
+            lab = labels[j]
+            scores[lab] = scores.get(lab, 0.0) + (max(float(s), 0.0) if weighted else 1.0)
+            first_seen.setdefault(lab, rank)
+        preds[i] = max(scores, key=lambda lab: (scores[lab], -first_seen[lab]))
+    return preds
+
+
+def knn_label_accuracy(store: Store, *, label: str = "breed", space: str = schema.ENCODER_SPACE, k: int = 10) -> float:
+    """Leave-one-out kNN accuracy of ``label`` among the images that have it, in one space of the store."""
+    sp = store.space(space)
+    labels = store.images.set_index("id").loc[sp.ids, label]
+    mask = labels.notna().to_numpy()
+    if mask.sum() < 2:
+        raise ValueError(f"{label!r}: fewer than two labelled images")
+    y = labels[mask].astype(str).to_numpy()
+    pred = knn_predictions(sp.vectors[mask], y, k=k)
+    return float((pred == y).mean())
+

@@ -1,0 +1,36 @@
+"""Helpers shared by the benchmark scripts: machine facts and writing results into the repo."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def write_results(name: str, results: dict[str, Any]) -> Path:
+    """Write ``results`` (plus when and where) to benchmarks/results/<name>.json, atomically."""
+    from indexer.atomic import atomic_write_json
+
+    RESULTS_DIR.mkdir(exist_ok=True)
+    out = RESULTS_DIR / f"{name}.json"
+    atomic_write_json(out, {"benchmark": name, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                            "machine": machine(), **results})
+    return out

@@ -1,0 +1,260 @@
+"""`mammals`: the command line.  A thin map onto the Python API: every subcommand calls one public function.
+
+Conventions: data goes to stdout (``--json`` where it is data), logs and progress to stderr; exit code 0 on
+success, 1 when some inputs failed but the command ran, 2 for a usage or input error (one line, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from indexer import __version__, defaults, schema
+from indexer.errors import UsageError
+
+log = logging.getLogger("mammals")
+
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
+
+
+# Subcommands register here: name -> (configure parser, run).  Later packages (training, maps, dashboard)
+# add theirs through ``register``, so this file stays the one entry point without importing heavy modules.
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def register(name: str, help: str) -> Callable[[Callable[[argparse.ArgumentParser], None]],
+                                               Callable[[Callable[[argparse.Namespace], int]], None]]:
+    def configure(conf: Callable[[argparse.ArgumentParser], None]) -> Callable[[Callable[[argparse.Namespace], int]],
+                                                                                 None]:
+        def bind(run: Callable[[argparse.Namespace], int]) -> None:
+            _COMMANDS[name] = (help, conf, run)
+
+        return bind
+
+    return configure
+
+
+def default_data_dirs() -> list[Path]:
+    """The README's main job indexes ../shared/data/pets when no folder is given and it exists."""
+    for cand in (Path.cwd().parent / "shared" / "data" / "pets", defaults.SHARED_PETS):
+        if cand.is_dir():
+            return [cand]
+    raise UsageError("no DATA_DIR given and ../shared/data/pets does not exist; name a photo folder")
+
+
+def stored_sources(store: Path) -> list[Path]:
+    """The folders an existing store was last indexed from (`mammals index --store S` refreshes it)."""
+    from indexer.store import Store
+
+    if not (store / schema.MANIFEST).exists():
+        return []
+    return [Path(p) for p in Store.open(store).manifest.get("parameters", {}).get("sources", [])]
+
+
+# ---------------------------------------------------------------------------------------------------- index
+def _conf_index(p: argparse.ArgumentParser) -> None:
+    from indexer.sources import LAYOUTS
+    from indexer.sparsity import DEFAULT_THRESHOLD
+
+    p.add_argument("data_dirs", nargs="*", type=Path, metavar="DATA_DIR",
+                   help="photo folders or CSV manifests (default: the store's own sources when it exists, "
+                        "else ../shared/data/pets where it exists)")
+    p.add_argument("--store", type=Path, required=True, help="store directory (created if missing)")
+    p.add_argument("--encoder", default=defaults.ENCODER,
+                   help=f"encoder name (default {defaults.ENCODER}; also open_clip:MODEL/TAG_OR_PATH, "
+                        "timm:MODEL/CHECKPOINT)")
+    p.add_argument("--layout", default="auto", choices=("auto", *LAYOUTS), help="dataset layout (default: detect)")
+    p.add_argument("--species", choices=("cat", "dog"), help="species for folders whose layout does not say")
+    p.add_argument("--labels", type=Path, metavar="CSV", help="CSV with a 'path' column; other columns are joined")
+    p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE)
+    p.add_argument("--workers", type=int, default=defaults.WORKERS, help="decode worker processes")
+    p.add_argument("--device", default=defaults.DEVICE, help="auto (cuda if present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--no-sparsity", action="store_true", help="skip per-layer activation sparsity (faster)")
+    p.add_argument("--sparsity-threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help=f"near-zero threshold relative to each layer's peak (default {DEFAULT_THRESHOLD})")
+    p.add_argument("--json", action="store_true", help="print the run report as JSON on stdout")
+
+
+def _run_index(a: argparse.Namespace) -> int:
+    from indexer.pipeline import run_index
+
+    if a.batch_size < 1 or a.workers < 0:
+        raise UsageError("--batch-size must be >= 1 and --workers >= 0")
+    dirs = a.data_dirs or stored_sources(a.store) or default_data_dirs()
+    report = run_index(dirs, a.store, encoder=a.encoder, layout=a.layout, species=a.species, labels_csv=a.labels,
+                       batch_size=a.batch_size, workers=a.workers, device=a.device, progress=not a.quiet,
+                       sparsity=not a.no_sparsity, sparsity_threshold=a.sparsity_threshold)
+    if a.json:
+        print(json.dumps({**report.as_dict(), "error_files": [{"path": p, "reason": r} for p, r in report.errors]},
+                         indent=2))
+    else:
+        print(f"{a.store}: added {report.added}, already indexed {report.already_indexed}, "
+              f"duplicates {report.duplicates}, errors {len(report.errors)} "
+              f"({report.scanned} files scanned in {report.seconds:.1f} s, {report.images_per_second:.1f} img/s)")
+        if report.recomputed:
+            print(f"{a.store}: recomputed for every image: {', '.join(report.recomputed)}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------- query
+def _conf_query(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("--store", type=Path, required=True)
+    p.add_argument("-k", type=int, default=defaults.K, help=f"neighbours per image (default {defaults.K})")
+    p.add_argument("--space", default=schema.ENCODER_SPACE,
+                   help="feature space to search: encoder (default), mapper_id, mapper_attr, vae_mu, vae_logvar")
+    p.add_argument("--device", default=defaults.DEVICE)
+    p.add_argument("--json", action="store_true", help=f"machine-readable output ({'mammals.query/1'})")
+
+
+def _run_query(a: argparse.Namespace) -> int:
+    from indexer.query import QUERY_JSON_SCHEMA, query_images
+    from indexer.store import Store
+
+    if a.k < 1:
+        raise UsageError("-k must be >= 1")
+    store = Store.open(a.store)
+    results = query_images(store, a.images, k=a.k, space=a.space, device=a.device)
+    if a.json:
+        print(json.dumps({"schema": QUERY_JSON_SCHEMA, "store": str(a.store), "space": a.space,
+                          "encoder": store.encoder["name"], "k": a.k,
+                          "results": [r.as_dict() for r in results]}, indent=2))
+    else:
+        for r in results:
+            print(f"== {r.query}")
+            if r.error:
+                print(f"   error: {r.error}")
+                continue
+            for n in r.neighbours:
+                print(f"  {n.rank:>3}  {n.similarity:6.3f}  {n.species or '-':<4} {n.breed or '-':<28} {n.path}")
+            votes = ", ".join(f"{v.breed} {v.share:.0%}" for v in r.breed_votes[:5]) or "no labelled neighbours"
+            print(f"   breed vote: {votes}")
+    failed = [r for r in results if r.error]
+    for r in failed:
+        log.error("%s: %s", r.query, r.error)
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------- info
+def _conf_info(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", type=Path, metavar="STORE")
+    p.add_argument("--json", action="store_true")
+
+
+def store_info(path: Path) -> dict[str, Any]:
+    """Everything `mammals info` shows, as data."""
+    from indexer.store import Store
+
+    store = Store.open(path)
+    m = store.manifest
+    errors = store.errors
+    return {
+        "store": str(path),
+        "schema_version": m["schema_version"],
+        "encoder": m["encoder"],
+        "spaces": {n: {k: v for k, v in s.items() if k in ("dim", "count", "kind", "model_sha256", "index_type")}
+                   for n, s in m.get("spaces", {}).items()},
+        "models": m.get("models", {}),
+        "counts": m.get("counts", {}),
+        "errors": [{"path": p, "reason": r} for p, r in zip(errors["path"], errors["reason"], strict=True)],
+        "versions": m.get("versions", {}),
+        "created_at": m.get("created_at"),
+        "updated_at": m.get("updated_at"),
+        "last_run": (m.get("runs") or [None])[-1],
+    }
+
+
+def _run_info(a: argparse.Namespace) -> int:
+    info = store_info(a.store)
+    if a.json:
+        print(json.dumps(info, indent=2, default=str))
+        return EXIT_OK
+    c = info["counts"]
+    enc = info["encoder"]
+    print(f"store      {info['store']} (schema {info['schema_version']}, updated {info['updated_at']})")
+    print(f"encoder    {enc['name']}  dim {enc['dim']}  weights sha256 {enc['weights_sha256'][:16]}…")
+    print(f"images     {c.get('images', 0)}   errors {c.get('errors', 0)}")
+    for name, s in info["spaces"].items():
+        print(f"space      {name:<12} dim {s.get('dim')}  rows {s.get('count')}")
+    for sp, n in c.get("by_species", {}).items():
+        breeds = c.get("by_breed", {}).get(sp, {})
+        print(f"species    {sp:<8} {n:>6} images, {len(breeds)} breed(s)")
+        for br, nb in sorted(breeds.items(), key=lambda kv: (-kv[1], kv[0])):
+            print(f"             {br:<32} {nb:>6}")
+    if c.get("label_columns"):
+        print(f"labels     {', '.join(c['label_columns'])}")
+    for e in info["errors"][:20]:
+        print(f"error      {e['path']}: {e['reason']}")
+    if len(info["errors"]) > 20:
+        print(f"error      … {len(info['errors']) - 20} more (see errors.parquet)")
+    print("versions   " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
+    return EXIT_OK
+
+
+register("index", "index photo folders into a store")(_conf_index)(_run_index)
+register("query", "nearest indexed images and breed votes for photos")(_conf_query)(_run_query)
+register("info", "what is in a store")(_conf_info)(_run_info)
+
+
+def _load_plugins() -> None:
+    """Subcommands that live in other packages (imported lazily: `mammals --help` stays fast)."""
+    import importlib
+
+    for mod in ("indexer.train_cli", "analysis.cli", "dashboard.cli"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _load_plugins()
+    parser = argparse.ArgumentParser(prog="mammals", description="Mammals Space: embeddings and similarity search "
+                                     "for cat and dog photos.")
+    parser.add_argument("--version", action="version", version=f"mammals-space {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_, conf, _run) in _COMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings and errors only")
+        sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+        conf(sp)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    level = logging.DEBUG if a.verbose else logging.WARNING if a.quiet else logging.INFO
+    # Our own packages log at the chosen level; libraries (faiss announces its CPU features at INFO) only warn.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="mammals: %(levelname)s: %(message)s",
+                        force=True)
+    for name in ("mammals", "indexer", "analysis", "dashboard", "data"):
+        logging.getLogger(name).setLevel(level)
+    from indexer.encoders import EncoderError
+    from indexer.sources import SourceError
+    from indexer.store import StoreError
+
+    try:
+        return _COMMANDS[a.command][2](a)
+    except (UsageError, SourceError, StoreError, EncoderError) as e:
+        print(f"mammals {a.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"mammals {a.command}: interrupted (the store keeps its last commit; run again to resume)",
+              file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `mammals query ... | head`: stdout closed early is not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

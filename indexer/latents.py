@@ -1,0 +1,120 @@
+"""A store's trained models (mapper, VAE) and the feature spaces they produce.
+
+One place for which model makes which space, where its files live, and whether a space or a sparsity record
+is still current: a space is current when it was computed by the model file whose sha256 the manifest names.
+Retraining writes a new file, so exactly the spaces (and sparsity rows) of that model go stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from indexer.store import Store, StoreError
+
+MODELS_DIR = "models"
+ENCODER, MAPPER, VAE = "encoder", "mapper", "vae"
+# Which spaces each trained model produces, in the order they are computed.
+MODEL_SPACES: dict[str, tuple[str, ...]] = {
+    MAPPER: ("mapper_id", "mapper_attr"),
+    VAE: ("vae_mu", "vae_logvar"),
+}
+SPACE_MODEL: dict[str, str] = {sp: m for m, spaces in MODEL_SPACES.items() for sp in spaces}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class TrainedModels:
+    """The models a store has, loaded for inference (CPU or the run's device), with their file hashes."""
+
+    mapper: Any = None  # indexer.models.mapper.Mapper
+    mapper_classifier: Any = None
+    mapper_meta: dict[str, Any] = field(default_factory=dict)
+    vae: Any = None  # indexer.models.vae.ConvVAE
+    vae_meta: dict[str, Any] = field(default_factory=dict)
+    sha256: dict[str, str] = field(default_factory=dict)  # model -> weights file sha256
+
+    def available(self) -> list[str]:
+        return [m for m in (MAPPER, VAE) if getattr(self, m) is not None]
+
+    @property
+    def vae_image_size(self) -> int:
+        return int(self.vae_meta["config"]["image_size"])
+
+
+def load_trained_models(store: Store, device: torch.device | str = "cpu") -> TrainedModels:
+    """Load every model the manifest lists, refusing a weights file that differs from the recorded one."""
+    from indexer.models.mapper import WEIGHTS_FILE as MAPPER_WEIGHTS
+    from indexer.models.mapper import load_mapper
+    from indexer.models.vae import WEIGHTS_FILE as VAE_WEIGHTS
+    from indexer.models.vae import load_vae
+
+    out = TrainedModels()
+    recorded: Mapping[str, Any] = store.manifest.get("models", {})
+    for name, weights_file in ((MAPPER, MAPPER_WEIGHTS), (VAE, VAE_WEIGHTS)):
+        if name not in recorded:
+            continue
+        d = store.path / recorded[name]["dir"]
+        weights = d / weights_file
+        if not weights.exists():
+            raise StoreError(f"{weights}: the manifest lists a trained {name} but its weights are missing "
+                             f"(retrain with `mammals train {name} --store {store.path}`)")
+        sha = file_sha256(weights)
+        if sha != recorded[name]["sha256"]:
+            raise StoreError(f"{weights}: sha256 {sha[:12]}… differs from the manifest's "
+                             f"{recorded[name]['sha256'][:12]}… (retrain, or restore the file)")
+        out.sha256[name] = sha
+        if name == MAPPER:
+            out.mapper, out.mapper_classifier, out.mapper_meta = load_mapper(d)
+            out.mapper.to(device).eval()
+            out.mapper_classifier.to(device).eval()
+        else:
+            out.vae, out.vae_meta = load_vae(d)
+            out.vae.to(device).eval()
+    return out
+
+
+def space_is_current(store: Store, space: str, models: TrainedModels) -> bool:
+    model = SPACE_MODEL[space]
+    meta = store.space_meta(space) if space in store.space_names() else {}
+    return bool(meta) and meta.get("model_sha256") == models.sha256.get(model)
+
+
+def space_meta(model: str, models: TrainedModels) -> dict[str, Any]:
+    return {"kind": model, "model": model, "model_sha256": models.sha256[model]}
+
+
+def sparsity_is_current(store: Store, model: str, sha: str, threshold: float) -> bool:
+    info = store.sparsity_models().get(model) or {}
+    return info.get("model_sha256") == sha and info.get("threshold") == threshold
+
+
+@torch.inference_mode()
+def mapper_vectors(models: TrainedModels, encoder_vectors: np.ndarray) -> dict[str, np.ndarray]:
+    """z_id and z_attr of encoder embeddings (L2-normalised by the mapper, ready for cosine search)."""
+    from indexer.models.mapper import encode
+
+    z_id, z_attr = encode(models.mapper, encoder_vectors)
+    return {"mapper_id": z_id.astype(np.float32), "mapper_attr": z_attr.astype(np.float32)}
+
+
+@torch.inference_mode()
+def vae_vectors(models: TrainedModels, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """The VAE posterior mean and log-variance of a batch of preprocessed images (raw, for decoding)."""
+    dev = next(models.vae.parameters()).device
+    mu, logvar = models.vae.encode(images.to(dev))
+    return {"vae_mu": mu.cpu().numpy().astype(np.float32), "vae_logvar": logvar.cpu().numpy().astype(np.float32)}
+

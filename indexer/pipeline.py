@@ -1,0 +1,451 @@
+"""`mammals index`: folders -> catalog -> embeddings, latents and sparsity -> store, incrementally and resumably.
+
+One run has two passes:
+
+1. **new photos**: read, hash, decode, embed with the encoder, and compute every derived space whose model is
+   current (mapper from the embedding, VAE from the pixels), recording per-layer sparsity with forward hooks;
+2. **backfill**: spaces that are missing or stale (a model was trained or retrained since they were computed)
+   and sparsity rows that are missing are computed for every image already in the store — the mapper from the
+   stored embeddings, pixel models by reading the photos again.
+
+The store is committed every ``commit_every_seconds`` in pass 1 and after each backfilled model, so a killed run
+keeps what it committed and the next run picks up exactly what is still missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from indexer import defaults, schema
+from indexer.encoders import Encoder, load_encoder
+from indexer.extract import Batch, FileResult, StageTimes, embed, iter_batches, resolve_device
+from indexer.latents import (
+    ENCODER,
+    MAPPER,
+    MODEL_SPACES,
+    VAE,
+    TrainedModels,
+    load_trained_models,
+    mapper_vectors,
+    space_is_current,
+    space_meta,
+    sparsity_is_current,
+    vae_vectors,
+)
+from indexer.sources import CatalogRow, join_labels, scan
+from indexer.sparsity import DEFAULT_THRESHOLD, SparsityRecorder
+from indexer.store import Store, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IndexReport:
+    """What one `index` run did (printed by the CLI, recorded in the manifest's run history)."""
+
+    store: str
+    scanned: int = 0
+    added: int = 0
+    already_indexed: int = 0
+    duplicates: int = 0
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)
+    labels_matched: int | None = None
+    spaces: list[str] = field(default_factory=list)
+    recomputed: list[str] = field(default_factory=list)  # spaces / sparsity records backfilled for all images
+
+    @property
+    def images_per_second(self) -> float:
+        return self.added / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "store": self.store,
+            "scanned": self.scanned,
+            "added": self.added,
+            "already_indexed": self.already_indexed,
+            "duplicates": self.duplicates,
+            "errors": len(self.errors),
+            "seconds": round(self.seconds, 2),
+            "images_per_second": round(self.images_per_second, 2),
+            "stages": self.stages,
+            "labels_matched": self.labels_matched,
+            "spaces": self.spaces,
+            "recomputed": self.recomputed,
+        }
+
+
+def catalog(
+    sources: Sequence[Path], *, layout: str = "auto", species: str | None = None, labels_csv: Path | None = None
+) -> tuple[list[CatalogRow], int | None]:
+    """Scan every source (in order, first occurrence of a path wins) and join extra labels."""
+    rows: list[CatalogRow] = []
+    seen: set[Path] = set()
+    for src in sources:
+        for row in scan(src, layout=layout, species=species):
+            if row.path not in seen:
+                seen.add(row.path)
+                rows.append(row)
+    matched = None
+    if labels_csv is not None:
+        rows, matched = join_labels(rows, labels_csv)
+    return rows, matched
+
+
+def _image_rows(batch_rows: list[tuple[CatalogRow, FileResult]], now: Any) -> pd.DataFrame:
+    records = []
+    for row, res in batch_rows:
+        assert res.id is not None
+        rec = {
+            "id": res.id,
+            "faiss_id": schema.faiss_id_of(res.id),
+            "path": str(row.path),
+            "relpath": row.relpath,
+            "species": row.species,
+            "breed": row.breed,
+            "dataset": row.dataset,
+            "layout": row.layout,
+            "width": res.width,
+            "height": res.height,
+            "indexed_at": now,
+        }
+        for k, v in row.labels.items():
+            if k not in rec:  # label columns never shadow the schema's own columns
+                rec[k] = v
+        records.append(rec)
+    df = pd.DataFrame.from_records(records)
+    df["width"] = df["width"].astype("int32")
+    df["height"] = df["height"].astype("int32")
+    df["indexed_at"] = pd.to_datetime(df["indexed_at"], utc=True)
+    return df
+
+
+@dataclass
+class _Plan:
+    """What this run computes for new photos (live) and what it recomputes for all photos (backfill)."""
+
+    live_spaces: list[str]  # derived spaces computed for new photos in pass 1
+    backfill_models: list[str]  # models whose spaces are (re)computed for every photo in pass 2
+    sparsity: dict[str, str]  # model -> weights sha256 of the models whose sparsity is recorded
+    threshold: float
+
+    def needs_vae_pixels(self) -> bool:
+        return any(s in self.live_spaces for s in MODEL_SPACES[VAE])
+
+
+def _plan(store: Store, enc: Encoder, models: TrainedModels, *, sparsity: bool, threshold: float) -> _Plan:
+    live: list[str] = []
+    backfill: list[str] = []
+    for model in models.available():
+        spaces = MODEL_SPACES[model]
+        if all(space_is_current(store, sp, models) for sp in spaces):
+            live.extend(spaces)
+        else:
+            for sp in spaces:
+                if sp in store.space_names():
+                    store.drop_space(sp)  # stale: computed by an older model file
+            backfill.append(model)
+    shas = {ENCODER: enc.weights_sha256, **models.sha256}
+    recorded: dict[str, str] = {}
+    if sparsity:
+        for model, sha in shas.items():
+            if model in store.sparsity_models() and not sparsity_is_current(store, model, sha, threshold):
+                store.drop_sparsity(model)
+            recorded[model] = sha
+    return _Plan(live, backfill, recorded, threshold)
+
+
+class _Recorders:
+    """One SparsityRecorder per model whose sparsity this run records, attached for the run's duration."""
+
+    def __init__(self, stack: ExitStack, enc: Encoder, models: TrainedModels, plan: _Plan):
+        self.plan = plan
+        self.by_model: dict[str, SparsityRecorder] = {}
+        nets: dict[str, tuple[torch.nn.Module, Any]] = {ENCODER: (enc.model, None)}
+        if models.mapper is not None:
+            nets[MAPPER] = (models.mapper, models.mapper.activation_layers())
+        if models.vae is not None:
+            nets[VAE] = (models.vae, models.vae.activation_layers())
+        for model, (net, layers) in nets.items():
+            if model in plan.sparsity:
+                self.by_model[model] = stack.enter_context(
+                    SparsityRecorder(net, model, threshold=plan.threshold, layers=layers))
+
+    def record(self, model: str, ids: list[str]) -> Any:
+        rec = self.by_model.get(model)
+        return rec.record(ids) if rec is not None else ExitStack()
+
+    def flush(self, store: Store, keep_ids: set[str] | None = None) -> None:
+        """Move recorded rows into the store (only rows of ``keep_ids`` when given: duplicates are dropped)."""
+        for model, rec in self.by_model.items():
+            df = rec.frame()
+            rec.clear()
+            if keep_ids is not None:
+                df = df[df["id"].isin(keep_ids)]
+            if len(df):
+                store.add_sparsity(df.reset_index(drop=True), model, {
+                    "model_sha256": self.plan.sparsity[model], "threshold": self.plan.threshold,
+                    "layers": rec.layer_names})
+
+    def missing_ids(self, store: Store, model: str) -> list[str]:
+        """Store ids without sparsity rows of ``model`` (all of them after a retrain or a --no-sparsity run)."""
+        if model not in self.by_model:
+            return []
+        sp = store.sparsity()
+        have = set(sp.loc[sp["model"] == model, "id"]) if len(sp) else set()
+        return [i for i in store.images["id"] if i not in have]
+
+
+def run_index(
+    sources: Sequence[Path],
+    store_path: Path,
+    *,
+    encoder: str | Encoder = defaults.ENCODER,
+    layout: str = "auto",
+    species: str | None = None,
+    labels_csv: Path | None = None,
+    batch_size: int = defaults.BATCH_SIZE,
+    workers: int = defaults.WORKERS,
+    device: str = defaults.DEVICE,
+    progress: bool = True,
+    commit_every_seconds: float = defaults.COMMIT_EVERY_SECONDS,
+    sparsity: bool = True,
+    sparsity_threshold: float = DEFAULT_THRESHOLD,
+) -> IndexReport:
+    """Index the photos under ``sources`` into the store at ``store_path`` (created if missing).
+
+    Only files whose content hash is not yet in the store are embedded; spaces of models trained since the last
+    run, and sparsity rows still missing, are computed for every stored image.
+    """
+    t_start = time.perf_counter()
+    rows, matched = catalog(sources, layout=layout, species=species, labels_csv=labels_csv)
+    dev = resolve_device(device)
+    enc = encoder if isinstance(encoder, Encoder) else load_encoder(encoder, device=str(dev))
+    store = Store.open_or_create(store_path, enc.describe())
+    models = load_trained_models(store, dev)
+    plan = _plan(store, enc, models, sparsity=sparsity, threshold=sparsity_threshold)
+    report = IndexReport(store=str(store_path), scanned=len(rows), labels_matched=matched)
+    parameters = {
+        "sources": [str(Path(s).resolve()) for s in sources],
+        "layout": layout,
+        "species": species,
+        "labels_csv": str(labels_csv) if labels_csv else None,
+        "batch_size": batch_size,
+        "workers": workers,
+        "device": str(dev),
+        "sparsity": sparsity,
+        "sparsity_threshold": sparsity_threshold,
+    }
+    started = utcnow()
+    times = StageTimes()
+    with ExitStack() as stack:
+        recorders = _Recorders(stack, enc, models, plan)
+        _add_new_photos(rows, store, enc, models, plan, recorders, report, times, dev, parameters,
+                        batch_size=batch_size, workers=workers, progress=progress,
+                        commit_every_seconds=commit_every_seconds)
+        _backfill(store, enc, models, plan, recorders, report, times, dev, parameters,
+                  batch_size=batch_size, workers=workers, progress=progress)
+    report.seconds = time.perf_counter() - t_start
+    report.stages = times.as_dict()
+    report.spaces = store.space_names()
+    run = {"started_at": started.isoformat(), "finished_at": utcnow().isoformat(),
+           **{k: v for k, v in report.as_dict().items() if k != "store"}}
+    store.commit(parameters=parameters, run=run)
+    return report
+
+
+def _add_new_photos(
+    rows: list[CatalogRow], store: Store, enc: Encoder, models: TrainedModels, plan: _Plan, recorders: _Recorders,
+    report: IndexReport, times: StageTimes, dev: torch.device, parameters: dict[str, Any], *,
+    batch_size: int, workers: int, progress: bool, commit_every_seconds: float,
+) -> None:
+    known = frozenset(store.known_ids())
+    seen_now: set[str] = set()
+    pending_rows: list[tuple[CatalogRow, FileResult]] = []
+    pending_vecs: dict[str, list[np.ndarray]] = {}
+    pending_errors: list[dict[str, Any]] = []
+    transforms: dict[str, Any] = {"encoder": enc.preprocess}
+    if plan.needs_vae_pixels():
+        from indexer.models.vae import vae_transform
+
+        transforms[VAE] = vae_transform(models.vae_image_size)
+
+    def flush() -> None:
+        nonlocal pending_rows, pending_vecs, pending_errors
+        if pending_rows:
+            store.add_images(_image_rows(pending_rows, utcnow()),
+                             {sp: np.concatenate(v) for sp, v in pending_vecs.items()})
+            recorders.flush(store, keep_ids={r.id for _, r in pending_rows if r.id})
+        store.set_errors(pending_errors)
+        store.commit(parameters=parameters)
+        pending_rows, pending_vecs, pending_errors = [], {}, []
+
+    bar = tqdm(total=len(rows), unit="img", desc="index", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    last_commit = time.perf_counter()
+    try:
+        it = iter_batches([str(r.path) for r in rows], transforms, known_ids=known, batch_size=batch_size,
+                          workers=workers)
+        while True:
+            t0 = time.perf_counter()
+            batch: Batch | None = next(it, None)
+            times.wait += time.perf_counter() - t0
+            if batch is None:
+                break
+            for res in batch.results:
+                if res.status == "known":
+                    report.already_indexed += 1
+                elif res.status == "error":
+                    report.errors.append((res.path, res.reason))
+                    log.warning("skipped %s: %s", res.path, res.reason)
+                    pending_errors.append({"path": res.path, "reason": res.reason,
+                                           "dataset": rows[res.index].dataset, "seen_at": utcnow()})
+            oks = batch.ok
+            if oks:
+                vectors = _forward_new(batch, oks, enc, models, plan, recorders, times, dev)
+                keep = []
+                for k, res in enumerate(oks):
+                    assert res.id is not None
+                    if res.id in seen_now:  # the same bytes under a second path: index once
+                        report.duplicates += 1
+                        continue
+                    seen_now.add(res.id)
+                    keep.append(k)
+                    pending_rows.append((rows[res.index], res))
+                if keep:
+                    for sp, v in vectors.items():
+                        pending_vecs.setdefault(sp, []).append(v[keep])
+                    report.added += len(keep)
+            bar.update(len(batch.results))
+            if time.perf_counter() - last_commit > commit_every_seconds:
+                flush()
+                last_commit = time.perf_counter()
+    finally:
+        bar.close()
+    flush()
+
+
+def _forward_new(
+    batch: Batch, oks: list[FileResult], enc: Encoder, models: TrainedModels, plan: _Plan, recorders: _Recorders,
+    times: StageTimes, dev: torch.device,
+) -> dict[str, np.ndarray]:
+    """Every live space for the batch's good photos: encoder, then mapper (from it), then VAE (from pixels)."""
+    ids = [r.id for r in oks if r.id is not None]
+    t = time.perf_counter()
+    with recorders.record(ENCODER, ids):
+        enc_vecs = embed(enc.model, batch.tensors["encoder"], dev)
+    times.add_forward(ENCODER, time.perf_counter() - t)
+    out = {schema.ENCODER_SPACE: enc_vecs}
+    if any(sp in plan.live_spaces for sp in MODEL_SPACES[MAPPER]):
+        t = time.perf_counter()
+        with recorders.record(MAPPER, ids):
+            out.update(mapper_vectors(models, enc_vecs))
+        times.add_forward(MAPPER, time.perf_counter() - t)
+    if plan.needs_vae_pixels():
+        t = time.perf_counter()
+        with recorders.record(VAE, ids):
+            out.update(vae_vectors(models, batch.tensors[VAE]))
+        times.add_forward(VAE, time.perf_counter() - t)
+    return out
+
+
+def _backfill(
+    store: Store, enc: Encoder, models: TrainedModels, plan: _Plan, recorders: _Recorders, report: IndexReport,
+    times: StageTimes, dev: torch.device, parameters: dict[str, Any], *, batch_size: int, workers: int,
+    progress: bool,
+) -> None:
+    """Compute, for photos already in the store, the spaces and sparsity rows that are missing."""
+    ids = store.images["id"].tolist()
+    if not ids:
+        return
+    # The mapper reads stored embeddings: no photo is read again.
+    mapper_ids = ids if MAPPER in plan.backfill_models else recorders.missing_ids(store, MAPPER)
+    if mapper_ids and models.mapper is not None:
+        enc_space = store.space(schema.ENCODER_SPACE)
+        row_of = {i: k for k, i in enumerate(enc_space.ids)}
+        parts: dict[str, list[np.ndarray]] = {}
+        for start in range(0, len(mapper_ids), batch_size):
+            chunk = mapper_ids[start:start + batch_size]
+            t = time.perf_counter()
+            with recorders.record(MAPPER, chunk):
+                for sp, v in mapper_vectors(models, enc_space.vectors[[row_of[i] for i in chunk]]).items():
+                    parts.setdefault(sp, []).append(v)
+            times.add_forward(MAPPER, time.perf_counter() - t)
+        if MAPPER in plan.backfill_models:
+            for sp in MODEL_SPACES[MAPPER]:
+                store.set_space(sp, ids, np.concatenate(parts[sp]), space_meta(MAPPER, models))
+            report.recomputed.extend(MODEL_SPACES[MAPPER])
+        recorders.flush(store)
+        store.commit(parameters=parameters)
+
+    # Pixel models: read the photos of the ids that need the encoder's sparsity or the VAE again.
+    need_enc = set(recorders.missing_ids(store, ENCODER))
+    vae_all = VAE in plan.backfill_models and models.vae is not None
+    need_vae = set(ids) if vae_all else set(recorders.missing_ids(store, VAE))
+    todo = [i for i in ids if i in need_enc or i in need_vae]
+    if not todo:
+        return
+    from indexer.models.vae import vae_transform
+
+    transforms: dict[str, Any] = {}
+    if need_enc:
+        transforms["encoder"] = enc.preprocess
+    if need_vae and models.vae is not None:
+        transforms[VAE] = vae_transform(models.vae_image_size)
+    path_of = dict(zip(store.images["id"], store.images["path"], strict=True))
+    vae_rows: dict[str, dict[str, np.ndarray]] = {}
+    bar = tqdm(total=len(todo), unit="img", desc="backfill", file=sys.stderr, disable=not progress,
+               dynamic_ncols=True)
+    try:
+        for batch in iter_batches([path_of[i] for i in todo], transforms, batch_size=batch_size, workers=workers):
+            good = [r for r in batch.ok if r.id == todo[r.index]]
+            for r in batch.results:
+                if r.status != "ok" or r.id != todo[r.index]:
+                    log.warning("could not re-read %s for the backfill: %s", r.path, r.reason or "file changed")
+            sel = [k for k, r in enumerate(batch.ok) if r.id == todo[r.index]]
+            if good and need_enc and "encoder" in batch.tensors:
+                enc_ids = [r.id for r in good if r.id in need_enc]
+                pick = [k for k, r in zip(sel, good, strict=True) if r.id in need_enc]
+                if enc_ids:
+                    t = time.perf_counter()
+                    with recorders.record(ENCODER, [str(i) for i in enc_ids]):
+                        embed(enc.model, batch.tensors["encoder"][pick], dev)
+                    times.add_forward(ENCODER, time.perf_counter() - t)
+            if good and VAE in batch.tensors:
+                vae_ids = [str(r.id) for r in good if r.id in need_vae]
+                pick = [k for k, r in zip(sel, good, strict=True) if r.id in need_vae]
+                if vae_ids:
+                    t = time.perf_counter()
+                    with recorders.record(VAE, vae_ids):
+                        latents = vae_vectors(models, batch.tensors[VAE][pick])
+                    times.add_forward(VAE, time.perf_counter() - t)
+                    for k, i in enumerate(vae_ids):
+                        vae_rows[i] = {sp: arr[k] for sp, arr in latents.items()}
+            bar.update(len(batch.results))
+    finally:
+        bar.close()
+    if vae_all:
+        dim = models.vae.latent_dim
+        missing = [i for i in ids if i not in vae_rows]
+        if missing:
+            # Every space holds every image; a photo that moved since it was indexed gets a zero vector
+            # (never a match in cosine search) and a warning, rather than blocking the whole space.
+            log.warning("%d photo(s) could not be re-read for the VAE spaces; their vectors are zero", len(missing))
+        for sp in MODEL_SPACES[VAE]:
+            mat = np.stack([vae_rows[i][sp] if i in vae_rows else np.zeros(dim, np.float32) for i in ids])
+            store.set_space(sp, ids, mat, space_meta(VAE, models))
+        report.recomputed.extend(MODEL_SPACES[VAE])
+    recorders.flush(store)
+    store.commit(parameters=parameters)

@@ -1,0 +1,313 @@
+"""End to end: index the real pets photos, query them, re-run, add, break, resume — through the API and the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import faiss
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from analysis.neighbours import knn_label_accuracy
+from indexer import schema
+from indexer.cli import main as cli
+from indexer.pipeline import run_index
+from indexer.query import query_images
+from indexer.store import Store
+from tests.conftest import PETS, WOOF, sample_photos
+
+# ------------------------------------------------------------------------------------------------- quality
+
+
+def test_pets_knn_accuracy_from_store_alone(pets_store: Path) -> None:
+    store = Store.open(pets_store)
+    assert len(store) == 1140
+    breed = knn_label_accuracy(store, label="breed", k=10)
+    species = knn_label_accuracy(store, label="species", k=10)
+    print(f"leave-one-out kNN k=10: breed {breed:.3f}, species {species:.3f}")
+    assert breed >= 0.78
+    assert species >= 0.97
+
+
+def test_store_tables_agree_and_open_without_our_code(pets_store: Path) -> None:
+    manifest = json.loads((pets_store / schema.MANIFEST).read_text())
+    assert manifest["schema_version"] == schema.SCHEMA_VERSION
+    assert manifest["encoder"]["name"] == "efficientnet-lite0"
+    assert manifest["encoder"]["dim"] == 1280
+    assert manifest["counts"]["images"] == 1140
+    assert manifest["counts"]["by_species"] == {"cat": 480, "dog": 660}
+    assert {"torch", "faiss-cpu", "pyarrow"} <= set(manifest["versions"])
+
+    images = pd.read_parquet(pets_store / "images.parquet")
+    table = pq.read_table(pets_store / "spaces" / "encoder.parquet")
+    index = faiss.read_index(str(pets_store / "spaces" / "encoder.faiss"))
+    assert len(images) == table.num_rows == index.ntotal == 1140
+    assert images["id"].is_unique
+    assert table.column("id").to_pylist() == images["id"].tolist()
+    assert table.schema.field("vector").type.list_size == 1280
+    # The FAISS index returns the table's faiss_ids, and row i of the index is row i of the table.
+    vecs = np.stack(table.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32)
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    _, found = index.search(vecs[:5], 1)
+    assert found[:, 0].tolist() == table.column("faiss_id").to_pylist()[:5]
+    # duckdb reads the tables directly.
+    n, dim = duckdb.sql(
+        f"select count(*), max(len(vector)) from '{pets_store / 'spaces' / 'encoder.parquet'}'").fetchall()[0]
+    assert (n, dim) == (1140, 1280)
+    breeds = duckdb.sql(f"select count(distinct breed) from '{pets_store / 'images.parquet'}'").fetchall()[0]
+    assert breeds == (45,)
+
+
+# ------------------------------------------------------------------------------------------------- query
+
+
+def test_query_indexed_photo_returns_itself_first(pets_store: Path) -> None:
+    store = Store.open(pets_store)
+    photos = sample_photos(10)
+    results = query_images(store, photos, k=10)
+    top_vote_right = 0
+    for photo, res in zip(photos, results, strict=True):
+        assert res.error is None
+        assert Path(res.neighbours[0].path) == photo.resolve()
+        assert res.neighbours[0].similarity > 0.999
+        assert [n.rank for n in res.neighbours] == list(range(1, 11))
+        assert abs(sum(v.share for v in res.breed_votes) - 1.0) < 1e-6
+        top_vote_right += res.breed_votes[0].breed == photo.parent.name
+    assert top_vote_right >= 7  # the vote includes the photo itself, so it should rarely lose
+
+
+def test_query_altered_copy_finds_original_in_top3(pets_store: Path, tmp_path: Path) -> None:
+    store = Store.open(pets_store)
+    photos = sample_photos(8, step=131)
+    altered = []
+    for p in photos:
+        img = Image.open(p).convert("RGB")
+        img = img.resize((int(img.width * 0.7), int(img.height * 0.7)), Image.Resampling.BILINEAR)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=60)
+        out = tmp_path / f"altered_{p.name}"
+        out.write_bytes(buf.getvalue())
+        altered.append(out)
+    for original, res in zip(photos, query_images(store, altered, k=10), strict=True):
+        top3 = [Path(n.path) for n in res.neighbours[:3]]
+        assert original.resolve() in top3, (original, top3)
+
+
+def test_cli_query_json_is_stable(pets_store: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    photo = sample_photos(1)[0]
+    bad = tmp_path / "not-an-image.jpg"
+    bad.write_text("hello")
+    code = cli(["query", str(photo), str(bad), "--store", str(pets_store), "-k", "3", "--json", "-q"])
+    assert code == 1  # one query failed, the other ran
+    out = json.loads(capsys.readouterr().out)
+    assert out["schema"] == "mammals.query/1"
+    assert out["k"] == 3 and out["space"] == "encoder" and out["encoder"] == "efficientnet-lite0"
+    good, failed = out["results"]
+    assert set(good) == {"query", "neighbours", "breed_votes", "error"}
+    assert set(good["neighbours"][0]) == {"rank", "id", "path", "species", "breed", "similarity"}
+    assert set(good["breed_votes"][0]) == {"species", "breed", "votes", "score", "share"}
+    assert len(good["neighbours"]) == 3 and good["error"] is None
+    assert failed["error"] and failed["neighbours"] == []
+
+
+def test_cli_info(pets_store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["info", str(pets_store), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["counts"]["images"] == 1140
+    assert info["counts"]["by_breed"]["cat"]["persian"] == 40
+    assert info["spaces"]["encoder"]["dim"] == 1280
+    assert cli(["info", str(pets_store)]) == 0
+    text = capsys.readouterr().out
+    assert "efficientnet-lite0" in text and "persian" in text
+
+
+# ------------------------------------------------------------------------------------------------- incremental
+
+
+def test_rerun_adds_nothing_and_new_folder_adds_exactly_its_rows(pets_store_copy: Path, tmp_path: Path) -> None:
+    again = run_index([PETS], pets_store_copy, progress=False)
+    assert (again.added, again.already_indexed) == (0, 1140)
+
+    extra = tmp_path / "woof"
+    breeds = sorted(p for p in WOOF.iterdir() if p.is_dir())[:2]
+    for b in breeds:
+        (extra / b.name).mkdir(parents=True)
+        for f in sorted(b.glob("*.jpg"))[:6]:
+            shutil.copy(f, extra / b.name / f.name)
+    added = run_index([extra], pets_store_copy, species="dog", progress=False)
+    assert added.added == 12
+    store = Store.open(pets_store_copy)
+    assert len(store) == 1152
+    index = faiss.read_index(str(store.index_path("encoder")))
+    table = pq.read_table(store.table_path("encoder"))
+    assert index.ntotal == table.num_rows == 1152
+    assert table.column("id").to_pylist() == store.images["id"].tolist()
+    new = store.images.tail(12)
+    assert set(new["breed"]) == {b.name for b in breeds} and set(new["species"]) == {"dog"}
+    assert set(new["layout"]) == {"breed-folders"}
+
+
+def test_duplicate_bytes_are_indexed_once(tmp_path: Path) -> None:
+    src = tmp_path / "flat"
+    src.mkdir()
+    photo = sample_photos(1)[0]
+    shutil.copy(photo, src / "a.jpg")
+    shutil.copy(photo, src / "b.jpg")
+    shutil.copy(sample_photos(2)[1], src / "c.jpg")
+    rep = run_index([src], tmp_path / "store", species="cat", progress=False, workers=0)
+    assert (rep.added, rep.duplicates) == (2, 1)
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_files_are_skipped_with_reasons(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.helpers_badfiles import make_bad_corpus
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    expected = make_bad_corpus(folder)
+    assert len(expected) >= 10
+    good = sample_photos(3)
+    for p in good:
+        shutil.copy(p, folder / p.name)
+    store = tmp_path / "store"
+    code = cli(["index", str(folder), "--store", str(store), "--species", "cat", "--layout", "flat", "-q",
+                "--workers", "1"])
+    assert code == 0
+    err = capsys.readouterr().err
+    errors = pd.read_parquet(store / "errors.parquet")
+    by_name = {Path(p).name: r for p, r in zip(errors["path"], errors["reason"], strict=True)}
+    for name, keyword in expected.items():
+        if (folder / name).suffix.lower() not in (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"):
+            continue  # not an image extension: never a candidate, so never an error
+        assert name in by_name, f"{name} missing from errors.parquet"
+        assert keyword.lower() in by_name[name].lower(), (name, by_name[name])
+        assert name in err  # a one-line warning names the file
+    assert len(Store.open(store)) == 3
+
+
+def test_cli_user_errors_exit_2_without_traceback(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken-store"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json")
+    future = tmp_path / "future-store"
+    future.mkdir()
+    (future / "manifest.json").write_text(json.dumps({"schema_version": schema.SCHEMA_VERSION + 1}))
+    cases = {
+        "missing dir": ["index", str(tmp_path / "nope"), "--store", str(tmp_path / "s1")],
+        "empty dir": ["index", str(empty), "--store", str(tmp_path / "s2")],
+        "unreadable store": ["info", str(broken)],
+        "newer schema": ["info", str(future)],
+        "not a store": ["query", str(sample_photos(1)[0]), "--store", str(empty)],
+    }
+    for what, args in cases.items():
+        proc = subprocess.run([sys.executable, "-m", "indexer.cli", *args], capture_output=True, text=True)
+        assert proc.returncode == 2, (what, proc.stderr)
+        assert "Traceback" not in proc.stderr, what
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and "error" in lines[0], (what, proc.stderr)
+
+
+def test_query_with_other_encoder_is_refused(tmp_path: Path) -> None:
+    from tests.helpers_openclip import make_tiny_open_clip_checkpoint
+
+    name = make_tiny_open_clip_checkpoint(tmp_path / "ckpt")
+    src = tmp_path / "few"
+    src.mkdir()
+    for p in sample_photos(4):
+        shutil.copy(p, src / p.name)
+    store = tmp_path / "store"
+    run_index([src], store, encoder=name, species="cat", progress=False, workers=0)
+    # The same store with the default encoder: refused with a message naming both encoders.
+    with pytest.raises(Exception, match="efficientnet-lite0") as exc:
+        run_index([src], store, progress=False, workers=0)
+    assert "open_clip:" in str(exc.value)
+
+
+def test_open_clip_encoder_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.helpers_openclip import make_tiny_open_clip_checkpoint
+
+    name = make_tiny_open_clip_checkpoint(tmp_path / "ckpt")
+    store = tmp_path / "store"
+    photos = sample_photos(12, step=91)
+    src = tmp_path / "src"
+    for p in photos:
+        (src / p.parent.parent.name / p.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, src / p.parent.parent.name / p.parent.name / p.name)
+    assert cli(["index", str(src), "--store", str(store), "--encoder", name, "-q", "--workers", "0"]) == 0
+    s = Store.open(store)
+    assert len(s) == 12 and s.encoder["name"] == name
+    assert s.space("encoder").dim == s.encoder["dim"]
+    capsys.readouterr()
+    assert cli(["query", str(photos[0]), "--store", str(store), "-k", "2", "--json", "-q"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert Path(out["results"][0]["neighbours"][0]["path"]) == (src / photos[0].relative_to(PETS)).resolve()
+
+
+# ------------------------------------------------------------------------------------------------- crash safety
+
+
+def test_half_committed_store_rolls_back_to_last_commit(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    photos = sample_photos(6)
+    for p in photos[:3]:
+        shutil.copy(p, src / p.name)
+    store = tmp_path / "store"
+    run_index([src], store, species="dog", progress=False, workers=0)
+    old_images = (store / "images.parquet").read_bytes()
+    old_manifest = (store / "manifest.json").read_bytes()
+    for p in photos[3:]:
+        shutil.copy(p, src / p.name)
+    run_index([src], store, species="dog", progress=False, workers=0)
+    # Simulate a kill after the space table/index were renamed but before images.parquet and the manifest.
+    (store / "images.parquet").write_bytes(old_images)
+    (store / "manifest.json").write_bytes(old_manifest)
+    (store / "spaces" / ".encoder.parquet.x.tmp").write_bytes(b"partial")
+    s = Store.open(store)
+    assert len(s) == 3 and s.space("encoder").ids == s.images["id"].tolist()
+    rep = run_index([src], store, species="dog", progress=False, workers=0)
+    assert (rep.added, rep.already_indexed) == (3, 3)
+    s = Store.open(store)
+    assert len(s) == 6 and faiss.read_index(str(s.index_path("encoder"))).ntotal == 6
+    assert not list(store.rglob("*.tmp"))
+
+
+def test_killed_run_resumes(tmp_path: Path) -> None:
+    """Kill a real indexing process after its first commit; the next run keeps that work and finishes."""
+    store = tmp_path / "store"
+    script = (
+        "import sys; from pathlib import Path; from indexer.pipeline import run_index;"
+        f"run_index([Path({str(PETS)!r})], Path({str(store)!r}), progress=False, workers=0, batch_size=16,"
+        " commit_every_seconds=0.0, sparsity=False)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        import time
+
+        deadline = time.time() + 120
+        while time.time() < deadline and not (store / "manifest.json").exists():
+            time.sleep(0.2)
+        time.sleep(1.0)
+    finally:
+        proc.kill()
+        proc.wait()
+    first = Store.open(store)
+    done = len(first)
+    assert 0 < done < 1140
+    assert first.space("encoder").ids == first.images["id"].tolist()
+    rep = run_index([PETS], store, progress=False, sparsity=False)
+    assert rep.already_indexed == done and rep.already_indexed + rep.added == 1140
+    assert len(Store.open(store)) == 1140
