@@ -257,4 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main: plugins register into `indexer.cli`, not into this `__main__` copy.
+    from indexer.cli import main as _main
+
+    sys.exit(_main())

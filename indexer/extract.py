@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from indexer.errors import UsageError
 from indexer.images import ImageError, content_id, decode_image, read_bytes
 
 log = logging.getLogger(__name__)
@@ -85,18 +84,6 @@ def collate(items: list[dict[str, Any]]) -> Batch:
     oks = [it["tensors"] for it in items if "tensors" in it]
     tensors = {name: torch.stack([t[name] for t in oks]) for name in (oks[0] if oks else {})}
     return Batch(results, tensors)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise UsageError(f"--device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device!r}: CUDA is not available on this machine")
-    return dev
 
 
 def iter_batches(

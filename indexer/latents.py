@@ -7,15 +7,14 @@ Retraining writes a new file, so exactly the spaces (and sparsity rows) of that 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from indexer.hashing import file_sha256
 from indexer.store import Store, StoreError
 
 MODELS_DIR = "models"
@@ -26,14 +25,6 @@ MODEL_SPACES: dict[str, tuple[str, ...]] = {
     VAE: ("vae_mu", "vae_logvar"),
 }
 SPACE_MODEL: dict[str, str] = {sp: m for m, spaces in MODEL_SPACES.items() for sp in spaces}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass

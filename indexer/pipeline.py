@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from indexer import defaults, schema
 from indexer.encoders import Encoder, load_encoder
-from indexer.extract import Batch, FileResult, StageTimes, embed, iter_batches, resolve_device
+from indexer.encoders.registry import resolve_device
+from indexer.extract import Batch, FileResult, StageTimes, embed, iter_batches
 from indexer.latents import (
     ENCODER,
     MAPPER,

@@ -14,7 +14,8 @@ from PIL import Image
 
 from indexer import defaults, schema
 from indexer.encoders import Encoder, load_encoder
-from indexer.extract import embed, resolve_device
+from indexer.encoders.registry import resolve_device
+from indexer.extract import embed
 from indexer.images import ImageError, load_image
 from indexer.latents import MAPPER, SPACE_MODEL, TrainedModels, load_trained_models, mapper_vectors, vae_vectors
 from indexer.store import Store, StoreError, unit_rows

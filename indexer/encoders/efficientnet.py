@@ -21,12 +21,12 @@ from indexer.encoders.base import Encoder, EncoderError
 from indexer.encoders.registry import (
     EnsureRGB,
     describe_transform,
-    file_sha256,
     freeze,
     one_line,
     probe_dim,
     resolve_device,
 )
+from indexer.hashing import file_sha256
 
 NAME = "efficientnet-lite0"
 TIMM_ARCH = "tf_efficientnet_lite0"

@@ -8,8 +8,6 @@ bad name should answer at once.
 from __future__ import annotations
 
 import difflib
-import functools
-import hashlib
 import json
 import logging
 import os
@@ -23,6 +21,7 @@ import torch
 from PIL import Image
 
 from indexer.encoders.base import Encoder, EncoderError
+from indexer.hashing import file_sha256
 
 # Name pattern -> what it loads; shown by ``--help``.
 KNOWN_ENCODERS: dict[str, str] = {
@@ -116,23 +115,6 @@ def resolve_device(device: str | torch.device, name: str = "") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise EncoderError(f"{prefix}device {str(dev)!r} requested but CUDA is not available")
     return dev
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, cached per (path, mtime, size) so repeated loads (one per query) hash once."""
-    real = os.path.realpath(path)
-    st = os.stat(real)
-    return _sha256_cached(real, st.st_mtime_ns, st.st_size)
-
-
-@functools.lru_cache(maxsize=64)
-def _sha256_cached(path: str, mtime_ns: int, size: int) -> str:
-    del mtime_ns, size  # only part of the cache key
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class EnsureRGB:
