@@ -126,6 +126,7 @@ class Store:
         self._dirty_spaces: set[str] = set()
         self._dropped_spaces: set[str] = set()
         self._dirty = False
+        self._indexes: dict[str, faiss.Index] = {}
         self._sparsity: pd.DataFrame | None = None  # loaded on first use: it is the largest table
         self._sparsity_dirty = False
 
@@ -283,10 +284,13 @@ class Store:
 
     def faiss_index(self, name: str) -> faiss.Index:
         """The space's FAISS index: read from disk when it is current, else rebuilt from the table."""
-        if name not in self._dirty_spaces and self.index_path(name).exists():
-            return faiss.read_index(str(self.index_path(name)))
-        sp = self.space(name)
-        return build_faiss_index(sp.ids, sp.vectors)
+        if name in self._dirty_spaces or not self.index_path(name).exists():
+            sp = self.space(name)
+            return build_faiss_index(sp.ids, sp.vectors)
+        # Read once per open store: a query loop (or a dashboard) must not re-read a large index per call.
+        if name not in self._indexes:
+            self._indexes[name] = faiss.read_index(str(self.index_path(name)))
+        return self._indexes[name]
 
     @property
     def sparsity_path(self) -> Path:
@@ -413,6 +417,7 @@ class Store:
             self.index_path(name).unlink(missing_ok=True)
         self._dropped_spaces.clear()
         self._dirty_spaces.clear()
+        self._indexes.clear()
         self._sparsity_dirty = False
         self._dirty = False
 

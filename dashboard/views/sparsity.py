@@ -1,0 +1,149 @@
+"""Sparsity: per-layer activation sparsity by group — depth curves with confidence bands, tests, a heat map."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import streamlit as st
+
+from dashboard import state
+
+MAX_GROUPS_DEFAULT = 6  # more curves than this turn the bands into a smear; the user can add more
+
+
+def _rgba(hex_colour: str, alpha: float) -> str:
+    h = hex_colour.lstrip("#")
+    r, g, b = (int(h[i:i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def depth_figure(curves: pd.DataFrame, groups: list[str], significant: set[int], metric: str) -> go.Figure:
+    """Mean per layer for each group, the confidence interval as a filled band, significant layers marked."""
+    fig = go.Figure()
+    palette = px.colors.qualitative.D3 + px.colors.qualitative.Dark24
+    for i, group in enumerate(groups):
+        g = curves[curves["group"] == group].sort_values("layer_index")
+        colour = "#444444" if group == "all" else palette[i % len(palette)]
+        x = g["layer_index"].tolist()
+        ok = g["ci_low"].notna() & g["ci_high"].notna()
+        if ok.any():
+            xb = g.loc[ok, "layer_index"].tolist()
+            # One closed polygon per band: upper edge left to right, lower edge back; fill="toself" fills it.
+            fig.add_trace(go.Scatter(
+                x=xb + xb[::-1], y=g.loc[ok, "ci_high"].tolist() + g.loc[ok, "ci_low"].tolist()[::-1],
+                fill="toself", fillcolor=_rgba(colour, 0.15), line={"width": 0}, hoverinfo="skip",
+                showlegend=False, legendgroup=group, name=f"{group} CI",
+            ))
+        fig.add_trace(go.Scatter(
+            x=x, y=g["mean"], mode="lines+markers", name=f"{group} (n={int(g['n'].max())})", legendgroup=group,
+            line={"color": colour, "width": 2.5 if group == "all" else 1.8, "dash": "dot" if group == "all" else None},
+            marker={"size": 4}, customdata=np.stack([g["layer_name"], g["n"]], axis=1),
+            hovertemplate=f"{group}<br>layer %{{x}} %{{customdata[0]}}<br>{metric} %{{y:.3f}} "
+                          "(n=%{customdata[1]})<extra></extra>",
+        ))
+    if significant:
+        # Marked on a strip under the curves, not with full-height lines: with many layers significant, lines
+        # would drown the curves.
+        shown = curves[curves["group"].isin(groups)] if groups else curves
+        floor = float(shown["ci_low"].min(skipna=True)) if shown["ci_low"].notna().any() else float(
+            shown["mean"].min())
+        span = float(shown["mean"].max() - shown["mean"].min()) or 1.0
+        layers = sorted(significant)
+        fig.add_trace(go.Scatter(
+            x=layers, y=[floor - 0.06 * span] * len(layers), mode="markers", name="groups differ (BH, α=0.05)",
+            marker={"symbol": "triangle-up", "size": 9, "color": "#d62728"},
+            hovertemplate="layer %{x}: groups differ<extra></extra>",
+        ))
+    fig.update_layout(height=480, xaxis_title="layer (execution order)", yaxis_title=metric, hovermode="closest",
+                      margin={"l": 10, "r": 10, "t": 40, "b": 10},
+                      title="Mean per layer with 95% confidence bands"
+                            + (" · ▲ layers where the groups differ" if significant else ""))
+    return fig
+
+
+def heatmap_figure(matrix: pd.DataFrame, metric: str, *, centred: bool = False) -> go.Figure:
+    """Layers (rows, depth order) x groups (columns) of mean sparsity.
+
+    ``centred``: each cell minus its layer's mean over the groups, on a diverging scale.  Depth changes the
+    metric far more than breed does, so uncentred the map mostly shows the layers; centred it shows which
+    breeds sit above or below the others at each layer.
+    """
+    names = matrix.attrs.get("layer_names", {})
+    y = [f"{i} {names.get(i, '')}".strip() for i in matrix.index]
+    z = matrix.sub(matrix.mean(axis=1), axis=0) if centred else matrix
+    scale: dict[str, Any] = ({"colorscale": "RdBu_r", "zmid": 0.0} if centred else {"colorscale": "Viridis"})
+    label = f"{metric} − layer mean" if centred else metric
+    fig = go.Figure(go.Heatmap(z=z.to_numpy(), x=[str(c) for c in matrix.columns], y=y, **scale,
+                               colorbar={"title": {"text": label}},
+                               hovertemplate="%{x}<br>%{y}<br>%{z:.3f}<extra></extra>"))
+    fig.update_layout(height=max(420, 14 * len(y) + 160), yaxis={"autorange": "reversed"},
+                      xaxis={"tickangle": -45}, margin={"l": 10, "r": 10, "t": 40, "b": 10},
+                      title=f"{'Centred mean' if centred else 'Mean'} {metric} per layer and "
+                            f"{matrix.columns.name or 'group'}")
+    return fig
+
+
+def render() -> None:
+    """Model, metric and label selectors; curves, the per-layer test table and a per-breed heat map."""
+    key = state.current_key()
+    store = state.store_for(key)
+    st.title("Activation sparsity")
+    choices = state.sparsity_choices(key)
+    if not choices:
+        st.info(f"This store has no sparsity records. Run `mammals index --store {key.path}` (without "
+                "`--no-sparsity`) to record them.")
+        return
+    c1, c2, c3 = st.columns(3)
+    models = list(choices)
+    model = c1.selectbox("Model", models, index=models.index("encoder") if "encoder" in models else 0,
+                         key="sparsity-model")
+    metric = c2.selectbox("Metric", choices[model], index=state.default_metric(choices[model]), key="sparsity-metric")
+    labels = [c for c in state.label_columns(store) if state.is_categorical(store.images[c])]
+    label = c3.selectbox("Group by", labels, key="sparsity-label")
+
+    try:
+        with st.spinner("Computing curves and tests…"):
+            curves = state.depth_curves(key, model, metric, label)
+            tests = state.group_tests(key, model, metric, label)
+    except ValueError as e:  # e.g. a label no image has: the library explains which
+        st.warning(str(e))
+        return
+
+    groups = [g for g in curves["group"].unique().tolist() if g != "all"]
+    sizes = curves.groupby("group")["n"].max()
+    default = sorted(groups, key=lambda g: -int(sizes[g]))[:MAX_GROUPS_DEFAULT]
+    chosen = st.multiselect("Groups", groups, default=default, key=f"sparsity-groups-{label}")
+    show_all = st.checkbox("Show the pooled curve (all images)", True, key="sparsity-all")
+    significant = set(tests.loc[tests["significant"], "layer_index"].astype(int))
+    st.plotly_chart(depth_figure(curves, (["all"] if show_all else []) + chosen, significant, metric),
+                    key="sparsity-curves")
+    if curves.attrs.get("dropped_groups"):
+        st.caption("Left out (fewer than 2 images): " + ", ".join(curves.attrs["dropped_groups"]))
+
+    st.subheader("Do the groups differ, layer by layer?")
+    st.caption(f"{tests.attrs.get('test', 'Kruskal-Wallis H')}, {tests.attrs.get('correction', 'BH')}; "
+               f"effect size ε². {len(significant)} of {len(tests)} layers differ at α = 0.05.")
+    table = tests.assign(marked=np.where(tests["significant"], "★", ""))
+    st.dataframe(table[["marked", *tests.columns]], hide_index=True,
+                 column_config={"marked": st.column_config.TextColumn("", help="★ significant after correction"),
+                                "p_value": st.column_config.NumberColumn(format="%.2e"),
+                                "p_adjusted": st.column_config.NumberColumn(format="%.2e"),
+                                "statistic": st.column_config.NumberColumn(format="%.2f"),
+                                "effect_size": st.column_config.NumberColumn(format="%.3f")})
+
+    st.subheader("Per breed")
+    if "breed" not in store.images.columns or store.images["breed"].notna().sum() == 0:
+        st.info("No breed labels in this store.")
+        return
+    try:
+        matrix = state.breed_heatmap(key, model, metric, "breed")
+    except ValueError as e:
+        st.warning(str(e))
+        return
+    centred = st.toggle("Centre each layer (show breeds relative to the layer's mean)", True,
+                        key="sparsity-centred")
+    st.plotly_chart(heatmap_figure(matrix, metric, centred=centred), key="sparsity-heatmap")

@@ -1,0 +1,94 @@
+"""Pieces the pages share: galleries of store thumbnails, image pickers, breed-vote charts, table downloads."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from dashboard import state
+from dashboard.state import StoreKey
+
+if TYPE_CHECKING:
+    from indexer.query import BreedVote, Neighbour
+    from indexer.store import Store
+
+MAX_PICKER_OPTIONS = 2_000  # a selectbox with 100k options would ship them all to the browser on every rerun
+
+
+_MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()#+\-!|<>~])")
+
+
+def plain(text: str) -> str:
+    """``text`` with Markdown's special characters escaped, for user-given strings (an upload's file name) shown
+    inside Streamlit's Markdown-rendered messages."""
+    return _MARKDOWN_SPECIALS.sub(r"\\\1", text)
+
+
+def gallery(key: StoreKey, ids: Sequence[str], captions: Sequence[str] | None = None, *, width: int = 130) -> None:
+    """Thumbnails of indexed images (by id: the only way a file reaches the browser), wrapped in rows."""
+    if not ids:
+        st.caption("(no images)")
+        return
+    thumbs = [state.thumbnail(key, i) for i in ids]
+    st.image(thumbs, caption=list(captions) if captions is not None else None, width=width)
+
+
+def image_picker(key: StoreKey, label: str, *, widget_key: str, default_index: int = 0) -> str:
+    """Pick an indexed image by relpath, with a substring filter so large stores stay usable; returns its id."""
+    relpaths, by_rel = state.relpath_index(key.path, key.version)
+    needle = st.text_input(f"{label}: filter", key=f"{widget_key}-filter", placeholder="part of a file name")
+    options = [r for r in relpaths if needle.lower() in r.lower()] if needle else relpaths
+    if not options:
+        st.warning(f"No indexed file name contains {needle!r}; showing all.")
+        options = relpaths
+    if len(options) > MAX_PICKER_OPTIONS:
+        st.caption(f"{len(options):,} matches; showing the first {MAX_PICKER_OPTIONS:,} (type to narrow).")
+        options = options[:MAX_PICKER_OPTIONS]
+    chosen = st.selectbox(label, options, index=min(default_index, len(options) - 1), key=widget_key)
+    return by_rel[str(chosen)]
+
+
+def label_of(row: pd.Series) -> str:
+    """An image row's breed, else its species, else "?" (missing labels are NaN or None in pandas)."""
+    for col in ("breed", "species"):
+        value = row.get(col)
+        if isinstance(value, str) and value:
+            return value
+    return "?"
+
+
+def neighbour_table(neighbours: Sequence[Neighbour]) -> pd.DataFrame:
+    return pd.DataFrame([{"rank": n.rank, "similarity": round(n.similarity, 4), "species": n.species,
+                          "breed": n.breed, "id": n.id} for n in neighbours])
+
+
+def neighbour_gallery(key: StoreKey, neighbours: Sequence[Neighbour], *, width: int = 130) -> None:
+    gallery(key, [n.id for n in neighbours],
+            [f"{n.rank}. {n.breed or n.species or '?'} ({n.similarity:.3f})" for n in neighbours], width=width)
+
+
+def breed_vote_chart(votes: Sequence[BreedVote], *, key: str, top: int = 10) -> None:
+    """Horizontal bars: each breed's share of the similarity-weighted vote among the neighbours."""
+    if not votes:
+        st.info("No labelled neighbours, so no breed vote.")
+        return
+    shown = list(votes)[:top][::-1]  # plotly draws bottom-up: reverse so the winner sits on top
+    fig = go.Figure(go.Bar(
+        x=[v.share for v in shown], y=[f"{v.breed} ({v.species or '?'})" for v in shown], orientation="h",
+        text=[f"{v.share:.0%} · {v.votes} vote(s)" for v in shown], textposition="auto",
+        hovertemplate="%{y}: %{x:.1%}<extra></extra>",
+    ))
+    fig.update_layout(title="Breed vote (similarity-weighted)", xaxis={"tickformat": ".0%", "range": [0, 1]},
+                      height=80 + 28 * len(shown), margin={"l": 10, "r": 10, "t": 40, "b": 10})
+    st.plotly_chart(fig, key=key)
+
+
+def store_images(store: Store, ids: Sequence[str]) -> pd.DataFrame:
+    """The image rows of some ids, in the given order (for tables and downloads)."""
+    images = store.images.set_index("id")
+    return images.loc[list(ids)].reset_index()

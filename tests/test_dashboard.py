@@ -1,0 +1,308 @@
+"""The dashboard's pages under Streamlit's ``AppTest`` (no browser), against the real pets stores.
+
+How AppTest is driven
+---------------------
+``dashboard/app.py`` builds its pages with ``st.navigation`` from callables (each page module's ``render``).
+``AppTest.switch_page`` only resolves *file* pages, so a callable page cannot be switched to from a test.
+So:
+
+* ``AppTest.from_file("dashboard/app.py")`` runs the real entry script, which lands on the default page
+  (Overview): this checks the navigation and the page registry;
+* every page is then run on its own through ``AppTest.from_function(_page_script, args=(name,))``, a two-line
+  script calling ``dashboard.app.render_page(name)`` (the same ``set_page_config`` + ``render()`` the
+  navigation runs).
+
+The store reaches the app through ``$MAMMALS_STORE`` (``mammals dashboard`` passes ``--store`` instead).
+All tests share one process, so the first UMAP's numba compilation (~45 s) and Streamlit's caches
+(``st.cache_data``/``st.cache_resource`` are process-wide) are paid once: the map page runs first.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from tests.conftest import PETS, REPO, sample_photos
+
+APP = REPO / "dashboard" / "app.py"
+# Generous: the first map compiles numba, and the CPU may be shared with other test runs.
+TIMEOUT_S = 900
+
+
+def _page_script(name: str) -> None:
+    from dashboard.app import render_page
+
+    render_page(name)
+
+
+def page(name: str, store: Path, monkeypatch: pytest.MonkeyPatch, **state: Any) -> AppTest:
+    """One page as an AppTest, run once; ``state`` pre-sets widget values by key."""
+    monkeypatch.setenv("MAMMALS_STORE", str(store))
+    at = AppTest.from_function(_page_script, args=(name,), default_timeout=TIMEOUT_S)
+    for k, v in state.items():
+        at.session_state[k] = v
+    return at.run()
+
+
+def no_exception(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def plotly_specs(at: AppTest) -> list[str]:
+    return [el.proto.spec for el in at.get("plotly_chart")]
+
+
+def images(at: AppTest) -> list[Any]:
+    return list(at.image)
+
+
+def table_with(at: AppTest, *columns: str) -> Any:
+    """The first dataframe shown with all these columns (display dataframes carry no key to find them by)."""
+    for df in at.dataframe:
+        if set(columns) <= set(df.value.columns):
+            return df.value
+    raise AssertionError(f"no table with columns {columns}: {[list(d.value.columns) for d in at.dataframe]}")
+
+
+def captions(at: AppTest) -> list[str]:
+    return [c for el in images(at) for c in el.captions]
+
+
+# ---------------------------------------------------------------------------------------------- full store
+def test_map_page_draws_a_webgl_scatter(pets_store_full: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # First on purpose: pays the numba compilation for the rest of the module.
+    at = page("map", pets_store_full, monkeypatch)
+    no_exception(at)
+    specs = plotly_specs(at)
+    assert len(specs) == 1 and '"scattergl"' in specs[0]
+    assert at.selectbox(key="map-space").options == ["encoder", "mapper_attr", "mapper_id", "vae_logvar",
+                                                    "vae_mu"]
+    # Colour by breed: one WebGL trace per breed (plus "unknown" for unlabelled photos, if any).
+    at.selectbox(key="map-colour").set_value("breed").run()
+    no_exception(at)
+    assert plotly_specs(at)[0].count('"scattergl"') >= 30
+    at.selectbox(key="map-colour").set_value("cluster").run()
+    no_exception(at)
+    assert '"scattergl"' in plotly_specs(at)[0]
+
+
+def test_map_selection_maps_points_back_to_ids() -> None:
+    import numpy as np
+
+    from dashboard.views.map import selected_ids
+
+    traces = [np.array(["a", "b"]), np.array(["c"])]
+    event = {"selection": {"points": [{"curve_number": 1, "point_index": 0}, {"curve_number": 0, "point_index": 1},
+                                      {"curve_number": 0, "point_index": 1}, {"curve_number": 5, "point_index": 0}]}}
+    assert selected_ids(event, traces) == ["c", "b"]
+    assert selected_ids(None, traces) == []
+
+
+def test_app_entry_script_lands_on_the_overview(pets_store_full: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAMMALS_STORE", str(pets_store_full))
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT_S).run()
+    no_exception(at)
+    assert at.title[0].value == "Mammals Space"
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Images"] == "1,140"
+    assert metrics["Cat"] and metrics["Dog"]
+    assert '"bar"' in plotly_specs(at)[0]
+    assert {e.label.split(" ·")[0] for e in at.expander} >= {"mapper", "vae"}  # the trained models' reports
+
+
+def test_clusters_page_has_galleries_and_agreement(pets_store_full: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = page("clusters", pets_store_full, monkeypatch)
+    no_exception(at)
+    table_with(at, "label", "nmi", "ari")
+    table_with(at, "cluster", "size", "purity", "majority")
+    assert len(images(at)) >= 2  # at least one cluster gallery (and the noise one when there is noise)
+    assert any(m.value.startswith("**Cluster") for m in at.markdown)
+
+
+def _relpath_of_breed(store: Path, breed: str) -> tuple[str, str]:
+    import pandas as pd
+
+    images = pd.read_parquet(store / "images.parquet")
+    row = images[images["breed"] == breed].sort_values("relpath").iloc[0]
+    return str(row["relpath"]), str(row["id"])
+
+
+@pytest.mark.parametrize("space", ["encoder", "mapper_id"])
+def test_query_with_an_indexed_photo_finds_itself_first(pets_store_full: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        space: str) -> None:
+    import pandas as pd
+
+    breeds = pd.read_parquet(pets_store_full / "images.parquet")["breed"].dropna()
+    breed = str(breeds.value_counts().index[0])
+    relpath, image_id = _relpath_of_breed(pets_store_full, breed)
+    at = page("query", pets_store_full, monkeypatch)
+    no_exception(at)
+    at.selectbox(key="query-space").set_value(space)
+    at.selectbox(key="query-image").set_value(relpath).run()
+    no_exception(at)
+    table = table_with(at, "rank", "similarity", "breed", "id")
+    first = table.iloc[0]
+    assert first["id"] == image_id and first["breed"] == breed and first["similarity"] > 0.999
+    assert len(table) == 12
+    assert any(c.startswith(f"1. {breed}") for c in captions(at))
+    votes = [s for s in plotly_specs(at) if "Breed vote" in s]
+    assert votes and '"bar"' in votes[0]
+
+
+def test_query_with_uploads(pets_store_full: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = page("query", pets_store_full, monkeypatch)
+    at.radio(key="query-source").set_value("Upload").run()
+    no_exception(at)
+    uploader = at.file_uploader[0]
+    assert set(uploader.allowed_type) >= {".jpg", ".png", ".webp", ".gif"}
+
+    # A real photo: neighbours and a vote.
+    photo = sample_photos(1)[0]
+    uploader.set_value((photo.name, photo.read_bytes(), "image/jpeg"))
+    at.run()
+    no_exception(at)
+    assert table_with(at, "rank", "similarity", "breed", "id").shape[0] == 12
+
+    # Not an image: a clear message, no traceback.
+    at.file_uploader[0].set_value(("notes.png", b"hello, I am text\n" * 20, "image/png"))
+    at.run()
+    assert not at.exception
+    assert any("Could not read notes.png" in e.value and "not an image" in e.value for e in at.error)
+
+    # Over 20 MB: refused before decoding.
+    at.file_uploader[0].set_value(("huge.jpg", b"\xff" * (20 * 2**20 + 1), "image/jpeg"))
+    at.run()
+    assert not at.exception
+    assert any("up to 20 MB" in e.value for e in at.error)
+
+
+def test_sparsity_page_shows_curves_tests_and_heatmap(pets_store_full: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    at = page("sparsity", pets_store_full, monkeypatch)
+    no_exception(at)
+    assert set(at.selectbox(key="sparsity-model").options) == {"encoder", "mapper", "vae"}
+    tests = table_with(at, "layer_index", "p_adjusted", "significant", "effect_size", "marked")
+    assert (tests["marked"] == "★").sum() == tests["significant"].sum()
+    specs = plotly_specs(at)
+    assert any('"fill":"toself"' in s for s in specs)  # confidence bands
+    assert any('"heatmap"' in s for s in specs)
+    at.selectbox(key="sparsity-model").set_value("vae").run()
+    at.selectbox(key="sparsity-label").set_value("breed").run()
+    no_exception(at)
+
+
+def test_latent_page_shows_the_interpolation_strip_and_swap(pets_store_full: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    at = page("latent", pets_store_full, monkeypatch)
+    no_exception(at)
+    strip = [el for el in images(at) if el.captions and el.captions[0].startswith("t=")]
+    assert len(strip) == 1 and len(strip[0].value) == 8
+    assert any("reads the swap as" in m.value for m in at.markdown)
+    at.radio(key="latent-vae-mode").set_value("slerp").run()
+    no_exception(at)
+
+
+def test_export_page_offers_downloads(pets_store_full: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = page("export", pets_store_full, monkeypatch)
+    no_exception(at)
+    labels = {b.label for b in at.download_button}
+    assert {"images.csv", "images.parquet", "cluster-summary-encoder.tex"} <= labels
+    assert any(label.endswith(".png") for label in labels) and any(label.endswith(".svg") for label in labels)
+    assert any(label.startswith("group-tests-") and label.endswith(".tex") for label in labels)
+
+
+def test_export_figures_render(pets_store_full: Path) -> None:
+    """The deferred figure downloads (run only on click in the browser) produce real PNG and SVG files."""
+    from dashboard.state import StoreKey, store_version
+    from dashboard.views.export import figure_bytes
+
+    key = StoreKey(str(pets_store_full.resolve()), store_version(pets_store_full.resolve()))
+    assert figure_bytes(key, "curves", "encoder", "hoyer", "species", "png").startswith(b"\x89PNG")
+    assert b"<svg" in figure_bytes(key, "heatmap", "encoder", "hoyer", "breed", "svg")[:2000]
+
+
+def test_export_table_bytes_are_the_export_files() -> None:
+    """The deferred table downloads: CSV and Parquet via analysis.export (vector cells kept), LaTeX booktabs."""
+    import numpy as np
+    import pandas as pd
+
+    from dashboard.views.export import latex_bytes, table_bytes
+
+    df = pd.DataFrame({"breed": ["a_b", "c"], "p_value": [1e-5, 0.5],
+                       "vec": [np.array([1.0, 2.0], np.float32), np.array([3.0, 4.0], np.float32)]})
+    assert table_bytes(df, "csv").decode().splitlines()[1].endswith('"[1.0, 2.0]"')
+    back = pd.read_parquet(io.BytesIO(table_bytes(df, "parquet")))
+    assert list(back["vec"][1]) == [3.0, 4.0]
+    tex = latex_bytes(df[["breed", "p_value"]], "Caption", "tab:x").decode()
+    assert "\\toprule" in tex and "a\\_b" in tex and "\\label{tab:x}" in tex
+
+
+# ---------------------------------------------------------------------------------------------- plain store
+def test_latent_page_without_models_says_what_to_train(pets_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = page("latent", pets_store, monkeypatch)
+    assert not at.exception
+    assert any("mammals train vae" in i.value and "mammals train mapper" in i.value for i in at.info)
+
+
+@pytest.mark.parametrize("name", ["overview", "query", "sparsity", "clusters", "export"])
+def test_pages_run_on_a_store_without_models(pets_store: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    at = page(name, pets_store, monkeypatch)
+    no_exception(at)
+    if name == "overview":
+        assert any("mammals train mapper" in i.value for i in at.info)
+    if name == "query":
+        assert at.selectbox(key="query-space").options == ["encoder"]
+
+
+# ---------------------------------------------------------------------------------------------- no store, CLI
+def test_app_without_a_store_says_how_to_start_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MAMMALS_STORE", raising=False)
+    at = AppTest.from_file(str(APP), default_timeout=60).run()
+    assert not at.exception
+    assert "mammals dashboard STORE" in at.error[0].value
+
+
+def test_store_path_comes_from_argv_then_env(tmp_path: Path) -> None:
+    from dashboard.state import store_path_from
+
+    assert store_path_from(["--store", str(tmp_path)], {}) == tmp_path
+    assert store_path_from(["-q", "--strict-markers"], {"MAMMALS_STORE": "/s"}) == Path("/s")
+    assert store_path_from(["--st", "x"], {}) is None  # no abbreviations: a test runner's flags are not ours
+
+
+def test_cli_registers_dashboard_and_binds_localhost(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dashboard.cli import streamlit_command
+    from indexer.cli import build_parser, main
+
+    a = build_parser().parse_args(["dashboard", str(tmp_path)])
+    assert (a.port, a.host) == (8501, "127.0.0.1")
+    cmd = streamlit_command(tmp_path, port=9999, host="127.0.0.1")
+    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4].endswith("dashboard/app.py")
+    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--server.headless") + 1] == "true"
+    assert cmd[-3:] == ["--", "--store", str(tmp_path)]
+    # A folder that is no store: one line, exit 2, no server started.
+    assert main(["dashboard", str(tmp_path / "nope")]) == 2
+    assert "no such store" in capsys.readouterr().err
+
+
+def test_thumbnails_only_serve_store_images(pets_store: Path) -> None:
+    """A thumbnail is asked for by id; anything that is not an indexed image's id gives the placeholder."""
+    import pandas as pd
+    from PIL import Image
+
+    from dashboard.state import StoreKey, store_version, thumbnail
+
+    key = StoreKey(str(pets_store.resolve()), store_version(pets_store.resolve()))
+    image_id = str(pd.read_parquet(pets_store / "images.parquet")["id"].iloc[0])
+    real = Image.open(io.BytesIO(thumbnail(key, image_id)))
+    assert max(real.size) == 160
+    for bogus in ("/etc/passwd", str(next(PETS.rglob("*.jpg"))), "../../x", "0" * 64):
+        img = Image.open(io.BytesIO(thumbnail(key, bogus)))
+        assert img.size == (160, 160)
+        assert all(abs(c - 225) <= 3 for c in img.convert("RGB").getpixel((2, 2)))  # the grey placeholder
