@@ -1,0 +1,79 @@
+"""Training time of the mapper and the VAE with their defaults, and indexing throughput with every space and
+per-layer sparsity on versus the encoder alone, on the shared photos, in one run.
+
+Targets: each model trains in under 5 minutes on a 2-core CPU.  The indexing ratio is reported, not targeted:
+it is the price of the research features (sparsity sorts every activation of every layer).
+
+    python -m benchmarks.bench_latents [--data ../shared/data/pets]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import SHARED_DATA, write_results
+from indexer.pipeline import run_index
+from indexer.store import Store
+from indexer.training import train_store_mapper, train_store_vae
+
+
+def store_with_models_only(src: Path, dst: Path) -> None:
+    """A new, empty store with ``src``'s encoder and trained models (so indexing computes every space)."""
+    trained = Store.open(src)
+    new = Store.create(dst, trained.encoder)
+    new.manifest["models"] = trained.manifest["models"]
+    shutil.copytree(src / "models", dst / "models")
+    new.commit()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=SHARED_DATA / "pets")
+    a = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "encoder-only"
+        t = time.perf_counter()
+        rep_enc = run_index([a.data], base, progress=False, sparsity=False)
+        enc_only_s = time.perf_counter() - t
+
+        t = time.perf_counter()
+        mapper = train_store_mapper(base, progress=False)
+        mapper_s = time.perf_counter() - t
+        t = time.perf_counter()
+        vae = train_store_vae(base, progress=False)
+        vae_s = time.perf_counter() - t
+
+        # The same photos into a fresh store that already has both models: every space + sparsity per image.
+        full = Path(tmp) / "full"
+        store_with_models_only(base, full)
+        t = time.perf_counter()
+        rep_full = run_index([a.data], full, progress=False, sparsity=True)
+        full_s = time.perf_counter() - t
+
+    ratio = full_s / enc_only_s
+    print(f"train mapper (defaults)          : {mapper_s:7.1f} s  (target < 300 s)")
+    print(f"train VAE (defaults)             : {vae_s:7.1f} s  (target < 300 s)")
+    print(f"index, encoder only, no sparsity : {enc_only_s:7.1f} s  ({rep_enc.added / enc_only_s:5.1f} img/s)")
+    print(f"index, all spaces + sparsity     : {full_s:7.1f} s  ({rep_full.added / full_s:5.1f} img/s)")
+    print(f"ratio all/encoder-only           : {ratio:7.2f}")
+    print(f"stages (all spaces)              : {rep_full.stages}")
+    out = write_results("latents", {
+        "data": str(a.data), "images": rep_enc.added,
+        "train_mapper_seconds": round(mapper_s, 1), "train_vae_seconds": round(vae_s, 1), "target_seconds": 300,
+        "mapper_report": mapper["report"], "vae_report": vae["report"],
+        "index_encoder_only_seconds": round(enc_only_s, 2), "index_all_spaces_sparsity_seconds": round(full_s, 2),
+        "ratio_all_over_encoder_only": round(ratio, 3), "stages_all_spaces": rep_full.stages,
+        "spaces": rep_full.spaces,
+    })
+    print(f"written to {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Mapper and VAE spaces and per-layer sparsity in a real store: trained with defaults on the shared photos."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from indexer.cli import main as cli
+from indexer.latents import MODEL_SPACES
+from indexer.pipeline import run_index
+from indexer.store import Store
+from indexer.training import train_store_vae
+from tests.conftest import WOOF
+
+ALL_SPACES = {"encoder", "mapper_id", "mapper_attr", "vae_mu", "vae_logvar"}
+
+
+def test_mapper_defaults_disentangle_breed(pets_store_full: Path) -> None:
+    r = Store.open(pets_store_full).manifest["models"]["mapper"]["report"]
+    print({k: round(v, 3) for k, v in r.items() if isinstance(v, float)})
+    assert r["val_knn_breed_acc_z_id"] >= r["val_knn_breed_acc_raw"]
+    assert r["probe_z_attr_acc"] <= r["probe_z_id_acc"] - 0.20
+    assert r["swap_acc"] >= 0.7
+
+
+def test_vae_defaults_learn_and_write_grids(pets_store_full: Path) -> None:
+    store = Store.open(pets_store_full)
+    info = store.manifest["models"]["vae"]
+    r = info["report"]
+    print({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()})
+    assert r["val_recon_mse_last_epoch"] <= 0.5 * r["val_recon_mse_first_epoch"]
+    assert 0.0 <= r["val_species_agreement"] <= 1.0
+    model_dir = pets_store_full / info["dir"]
+    size = info["config"]["image_size"]
+    for name in ("reconstructions.png", "samples.png"):
+        with Image.open(model_dir / name) as im:
+            im.load()
+            assert im.width >= 4 * size and im.height >= 2 * size
+
+
+def test_every_space_has_every_image_in_table_and_index(pets_store_full: Path) -> None:
+    store = Store.open(pets_store_full)
+    assert set(store.space_names()) == ALL_SPACES
+    ids = store.images["id"].tolist()
+    for name in ALL_SPACES:
+        table = pq.read_table(store.table_path(name))
+        assert table.column("id").to_pylist() == ids, name
+        assert faiss.read_index(str(store.index_path(name))).ntotal == len(ids), name
+        assert store.manifest["spaces"][name]["count"] == len(ids)
+    for model in MODEL_SPACES:
+        for sp in MODEL_SPACES[model]:
+            assert store.manifest["spaces"][sp]["model_sha256"] == store.manifest["models"][model]["sha256"]
+
+
+def test_sparsity_rows_for_every_image_layer_and_model(pets_store_full: Path) -> None:
+    store = Store.open(pets_store_full)
+    sp = store.sparsity()
+    n = len(store)
+    for model in ("encoder", "mapper", "vae"):
+        rows = sp[sp["model"] == model]
+        layers = store.manifest["sparsity"][model]["layers"]
+        assert len(layers) >= 2, model
+        per_layer = rows.groupby(["layer_index", "metric"])["id"].nunique()
+        assert len(per_layer) == len(layers) * 4, model
+        assert (per_layer == n).all(), model
+    enc = sp[(sp["model"] == "encoder") & (sp["metric"] == "near_zero_fraction")]
+    assert enc["value"].between(0, 1).all()
+    # ReLU6 layers of the ImageNet encoder are far from dense on real photos.
+    assert enc["value"].mean() > 0.2
+
+
+def test_sparsity_is_deterministic(pets_store: Path, tmp_path: Path) -> None:
+    src = tmp_path / "few"
+    src.mkdir()
+    images = Store.open(pets_store).images
+    for p in images["path"].iloc[::200]:
+        shutil.copy(p, src / Path(p).name)
+    a = run_index([src], tmp_path / "a", species="cat", progress=False, workers=0)
+    b = run_index([src], tmp_path / "b", species="cat", progress=False, workers=0)
+    assert a.added == b.added == len(list(src.iterdir()))
+    sa, sb = Store.open(tmp_path / "a").sparsity(), Store.open(tmp_path / "b").sparsity()
+    assert len(sa) > 0
+    np.testing.assert_array_equal(sa["value"].to_numpy(), sb["value"].to_numpy())
+    assert sa["id"].tolist() == sb["id"].tolist()
+
+
+def test_adding_photos_after_training_fills_every_space(pets_store_full: Path, tmp_path: Path) -> None:
+    store_dir = tmp_path / "store"
+    shutil.copytree(pets_store_full, store_dir)
+    extra = tmp_path / "woof"
+    breed = sorted(p for p in WOOF.iterdir() if p.is_dir())[0]
+    (extra / breed.name).mkdir(parents=True)
+    for f in sorted(breed.glob("*.jpg"))[:5]:
+        shutil.copy(f, extra / breed.name / f.name)
+    rep = run_index([extra], store_dir, species="dog", progress=False, workers=0)
+    assert rep.added == 5 and rep.recomputed == []
+    store = Store.open(store_dir)
+    assert len(store) == 1145
+    for name in ALL_SPACES:
+        assert store.space(name).ids == store.images["id"].tolist(), name
+    new_ids = set(store.images["id"].tail(5))
+    sp = store.sparsity()
+    for model in ("encoder", "mapper", "vae"):
+        assert new_ids <= set(sp.loc[sp["model"] == model, "id"]), model
+
+
+def test_retraining_vae_recomputes_only_vae_spaces(pets_store_full: Path, tmp_path: Path) -> None:
+    from indexer.models.vae import VAEConfig
+
+    store_dir = tmp_path / "store"
+    shutil.copytree(pets_store_full, store_dir)
+    before = {n: (store_dir / "spaces" / f"{n}.parquet").read_bytes() for n in ALL_SPACES}
+    train_store_vae(store_dir, VAEConfig(epochs=1, seed=7), progress=False)
+    assert set(Store.open(store_dir).space_names()) == {"encoder", "mapper_id", "mapper_attr"}
+    rep = run_index([], store_dir, progress=False)
+    assert sorted(rep.recomputed) == ["vae_logvar", "vae_mu"]
+    after = {n: (store_dir / "spaces" / f"{n}.parquet").read_bytes() for n in ALL_SPACES}
+    for n in ("encoder", "mapper_id", "mapper_attr"):
+        assert before[n] == after[n], n
+    for n in ("vae_mu", "vae_logvar"):
+        assert before[n] != after[n], n
+    store = Store.open(store_dir)
+    assert len(store.space("vae_mu").ids) == len(store)
+    vae_rows = store.sparsity()
+    assert vae_rows.loc[vae_rows["model"] == "vae", "id"].nunique() == len(store)
+
+
+def test_query_and_latent_operations_in_learned_spaces(pets_store_full: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from analysis.latent import mapper_path, mapper_swap, vae_decode, vae_interpolate
+
+    store = Store.open(pets_store_full)
+    images = store.images
+    photo = images["path"].iloc[0]
+    for space in ("mapper_id", "vae_mu"):
+        assert cli(["query", photo, "--store", str(pets_store_full), "--space", space, "-k", "5", "--json",
+                    "-q"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["results"][0]["neighbours"][0]["path"] == photo, space
+
+    cat = images[images["species"] == "cat"].iloc[0]
+    dog = images[images["species"] == "dog"].iloc[0]
+    strip = vae_interpolate(store, cat["id"], dog["id"], steps=6, mode="slerp")
+    size = store.manifest["models"]["vae"]["config"]["image_size"]
+    assert len(strip) == 6 and all(im.size == (size, size) for im in strip)
+    assert len(vae_interpolate(store, cat["id"], dog["id"], steps=3)) == 3
+    decoded = vae_decode(store, store.space("vae_mu").vectors[:4])
+    assert len(decoded) == 4 and decoded[0].size == (size, size)
+
+    path = mapper_path(store, cat["id"], dog["id"], steps=5, k=3)
+    assert len(path) == 5 and all(len(p) == 3 for p in path)
+    assert path[0][0].species == "cat" and path[-1][0].species == "dog"
+    # Identity of a dog with the attributes of a cat reads as the dog's breed in most pairs.
+    dogs = images[images["species"] == "dog"].iloc[::60]
+    cats = images[images["species"] == "cat"].iloc[::45]
+    hits = [mapper_swap(store, d, c).classifier_breed == b
+            for d, c, b in zip(dogs["id"], cats["id"], dogs["breed"], strict=False)]
+    assert sum(hits) / len(hits) >= 0.6

@@ -1,0 +1,312 @@
+"""The convolutional VAE on the real shared photos: it learns (with the defaults), and its helpers and files work.
+
+The default model is trained once per module (about a minute and a half on a 2-core CPU) and shared by the tests
+that need a trained model; the determinism and 128 px checks train tiny models of their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from indexer.images import ImageError
+from indexer.models.vae import (
+    ConvVAE,
+    VAEConfig,
+    VAEError,
+    VAEResult,
+    _slerp,
+    decode_latents,
+    encode_images,
+    interpolate,
+    load_images,
+    load_vae,
+    save_reconstruction_grid,
+    save_sample_grid,
+    save_vae,
+    to_pil,
+    train_vae,
+    vae_transform,
+)
+from tests.conftest import PETS, sample_photos
+
+pytestmark = pytest.mark.skipif(
+    not PETS.is_dir(), reason=f"{PETS} is missing (the shared photos sit beside the checkout)"
+)
+
+
+@pytest.fixture(scope="module")
+def pets() -> tuple[torch.Tensor, list[str]]:
+    """All 1,140 shared photos at 64 px (uint8) and their ids (paths relative to the pets folder)."""
+    paths = sorted(PETS.rglob("*.jpg"))
+    images = load_images([str(p) for p in paths], 64, workers=1)
+    return images, [p.relative_to(PETS).as_posix() for p in paths]
+
+
+@pytest.fixture(scope="module")
+def trained(pets: tuple[torch.Tensor, list[str]]) -> VAEResult:
+    """The VAE trained with the default config on all photos (once for the module)."""
+    images, ids = pets
+    return train_vae(images, ids, VAEConfig(), progress=False)
+
+
+def _val_images(pets: tuple[torch.Tensor, list[str]], result: VAEResult) -> torch.Tensor:
+    images, ids = pets
+    rows = [i for i, id_ in enumerate(ids) if result.split[id_] == "val"]
+    return images[rows]
+
+
+# ---------------------------------------------------------------------------------------------- learning
+
+
+def test_default_training_halves_val_reconstruction_error(
+    pets: tuple[torch.Tensor, list[str]], trained: VAEResult
+) -> None:
+    images, ids = pets
+    assert images.shape == (1140, 3, 64, 64) and images.dtype == torch.uint8
+    r, cfg = trained.report, trained.config
+    print("VAE defaults report:", json.dumps({k: round(v, 5) for k, v in r.items()}))
+    for h in trained.history:
+        print(f"  epoch {h['epoch']:.0f}: val mse {h['val_recon_mse']:.5f}, val kl {h['val_kl']:.1f}")
+
+    # The split is seeded, complete and the requested size.
+    assert set(trained.split) == set(ids)
+    n_val = sum(v == "val" for v in trained.split.values())
+    assert n_val == round(0.1 * 1140) == r["n_val"]
+    assert len(trained.history) == cfg.epochs
+    # The first-epoch number is the one measured after the first full epoch, like the last one.
+    assert r["val_recon_mse_first_epoch"] == trained.history[0]["val_recon_mse"]
+    assert r["val_recon_mse_last_epoch"] == trained.history[-1]["val_recon_mse"]
+    assert r["val_recon_mse_first_epoch"] < r["val_recon_mse_untrained"]
+
+    # The claim: validation reconstruction error at least halves between the first and the last epoch.
+    assert r["val_recon_mse_last_epoch"] <= 0.5 * r["val_recon_mse_first_epoch"]
+
+    # It also beats the trivial reconstruction (the mean training image) by a wide margin...
+    val = _val_images(pets, trained).float() / 255
+    train_rows = [i for i, id_ in enumerate(ids) if trained.split[id_] == "train"]
+    mean_image = (images[train_rows].float() / 255).mean(dim=0)
+    baseline = (val - mean_image).pow(2).mean().item()
+    assert r["val_recon_mse_last_epoch"] < 0.5 * baseline
+    # ...with a latent code that carries information (the posterior did not collapse onto the prior).
+    assert 5.0 < r["val_kl"] < 1000.0
+    assert r["train_seconds"] > 0
+
+
+def test_reconstruction_and_sample_grids_are_pngs_of_the_right_size(
+    pets: tuple[torch.Tensor, list[str]], trained: VAEResult, tmp_path: Path
+) -> None:
+    model = trained.model
+    recon_png, sample_png = tmp_path / "recon.png", tmp_path / "samples.png"
+    save_reconstruction_grid(model, _val_images(pets, trained), recon_png, n=16)
+    save_sample_grid(model, sample_png, n=64, seed=0)
+
+    with Image.open(recon_png) as im:
+        assert im.format == "PNG" and im.mode == "RGB"
+        assert im.size == (16 * 64 + 17 * 2, 2 * 64 + 3 * 2)  # 16 columns, originals over reconstructions
+        recon_arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255
+    with Image.open(sample_png) as im:
+        assert im.size == (8 * 64 + 9 * 2, 8 * 64 + 9 * 2)  # 8 x 8
+        samples_arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255
+    # The bottom row resembles the top row, and the 64 samples are not all the same picture.
+    top, bottom = recon_arr[2:66], recon_arr[68:132]
+    assert np.mean((top - bottom) ** 2) < 0.05
+    tiles = np.stack([samples_arr[2 + r * 66 :][:64, 2 + c * 66 :][:, :64] for r in range(8) for c in range(8)])
+    assert tiles.shape == (64, 64, 64, 3)
+    assert tiles.std(axis=0).mean() > 0.03
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files behind
+
+
+# --------------------------------------------------------------------------------------- latent helpers
+
+
+def test_interpolate_linear_and_slerp(pets: tuple[torch.Tensor, list[str]], trained: VAEResult) -> None:
+    model = trained.model
+    images, ids = pets
+    a = images[ids.index(next(i for i in ids if i.startswith("cat/")))]
+    b = images[ids.index(next(i for i in ids if i.startswith("dog/")))]
+    recon = decode_latents(model, encode_images(model, torch.stack([a, b])))
+
+    middles = {}
+    for mode in ("linear", "slerp"):
+        for steps in (2, 7):
+            walk = interpolate(model, a, b, steps, mode=mode)
+            assert walk.shape == (steps, 3, 64, 64)
+            assert walk.dtype == torch.float32 and walk.min() >= 0.0 and walk.max() <= 1.0
+            torch.testing.assert_close(walk[0], recon[0], atol=1e-4, rtol=0)
+            torch.testing.assert_close(walk[-1], recon[1], atol=1e-4, rtol=0)
+        middles[mode] = walk[3]
+        assert (walk[3] - recon[0]).abs().mean() > 1e-3 and (walk[3] - recon[1]).abs().mean() > 1e-3
+    assert not torch.allclose(middles["linear"], middles["slerp"])
+
+    with pytest.raises(VAEError):
+        interpolate(model, a, b, 1)
+    with pytest.raises(VAEError):
+        interpolate(model, a, b, 5, mode="cubic")
+
+
+def test_slerp_handles_parallel_and_zero_vectors() -> None:
+    t = torch.linspace(0, 1, 5)
+    a = torch.tensor([1.0, 2.0, 3.0])
+    for b in (2 * a, -a, torch.zeros(3)):
+        out = _slerp(a, b, t)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, (1 - t)[:, None] * a + t[:, None] * b)
+    # Orthogonal unit vectors: the walk stays on the unit circle and ends exactly at both vectors.
+    out = _slerp(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), t)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(5))
+    torch.testing.assert_close(out[[0, -1]], torch.eye(2))
+
+
+def test_decode_latents_takes_numpy_and_tensors(trained: VAEResult) -> None:
+    model = trained.model
+    z = np.random.default_rng(0).standard_normal((5, 64))  # float64, as numpy code tends to produce
+    out = decode_latents(model, z)
+    assert out.shape == (5, 3, 64, 64) and out.dtype == torch.float32
+    torch.testing.assert_close(out, decode_latents(model, torch.from_numpy(z).float()))
+    assert decode_latents(model, z[0]).shape == (1, 3, 64, 64)
+    with pytest.raises(VAEError, match="latents"):
+        decode_latents(model, np.zeros((2, 10)))
+    pil = to_pil(out)
+    assert len(pil) == 5 and pil[0].size == (64, 64) and pil[0].mode == "RGB"
+
+
+def test_activation_layers_are_separate_modules_in_execution_order(trained: VAEResult) -> None:
+    model = trained.model
+    layers = model.activation_layers()
+    assert [name for name, _ in layers] == [f"encoder.block{i}.act" for i in range(4)]
+    assert len({id(m) for _, m in layers}) == 4
+    seen: list[tuple[str, tuple[int, ...]]] = []
+    handles = [
+        m.register_forward_hook(lambda _m, _i, out, name=name: seen.append((name, tuple(out.shape))))
+        for name, m in layers
+    ]
+    try:
+        model.encode(torch.rand(2, 3, 64, 64))
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen == [
+        ("encoder.block0.act", (2, 32, 32, 32)),
+        ("encoder.block1.act", (2, 64, 16, 16)),
+        ("encoder.block2.act", (2, 128, 8, 8)),
+        ("encoder.block3.act", (2, 256, 4, 4)),
+    ]
+
+
+# ------------------------------------------------------------------------------------------------- files
+
+
+def test_save_load_round_trip_gives_identical_outputs(
+    pets: tuple[torch.Tensor, list[str]], trained: VAEResult, tmp_path: Path
+) -> None:
+    out = save_vae(trained, tmp_path / "vae")
+    weights, meta_path = tmp_path / "vae" / "vae.safetensors", tmp_path / "vae" / "vae.json"
+    assert out["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+    model, meta = load_vae(tmp_path / "vae")
+    assert not model.training
+    assert meta["config"] == trained.config.to_dict()
+    assert meta["split"] == trained.split and meta["report"] == trained.report
+    assert len(meta["history"]) == trained.config.epochs
+    x = _val_images(pets, trained)[:20]
+    assert torch.equal(torch.from_numpy(encode_images(model, x)), torch.from_numpy(encode_images(trained.model, x)))
+    z = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(decode_latents(model, z), decode_latents(trained.model, z))
+
+    # A config that does not fit the weights is refused with the tensor named, not loaded half-way.
+    good = json.loads(meta_path.read_text())
+    bad = dict(good, config=dict(good["config"], latent_dim=32))
+    meta_path.write_text(json.dumps(bad))
+    with pytest.raises(VAEError, match=r"fc_mu\.weight has shape \(64, 4096\), the config needs \(32, 4096\)"):
+        load_vae(tmp_path / "vae")
+    # Weights that are not the ones the JSON names are refused too.
+    meta_path.write_text(json.dumps(dict(good, sha256="0" * 64)))
+    with pytest.raises(VAEError, match="sha256"):
+        load_vae(tmp_path / "vae")
+    with pytest.raises(VAEError, match="missing"):
+        load_vae(tmp_path / "nowhere")
+
+
+def _tiny(images: torch.Tensor, ids: list[str], **kw: object) -> VAEResult:
+    cfg = VAEConfig(**{"epochs": 1, "batch_size": 16, **kw})  # type: ignore[arg-type]
+    return train_vae(images, ids, cfg, progress=False)
+
+
+def test_same_seed_gives_identical_weights(pets: tuple[torch.Tensor, list[str]]) -> None:
+    images, ids = pets
+    sub, sub_ids = images[::20], ids[::20]  # 57 photos across the breeds
+    rng_before = torch.get_rng_state()
+    first, second, other = _tiny(sub, sub_ids), _tiny(sub, sub_ids), _tiny(sub, sub_ids, seed=1)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # training leaves the caller's global RNG alone
+    assert first.split == second.split
+    s1, s2, s3 = first.model.state_dict(), second.model.state_dict(), other.model.state_dict()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    timings = ("seconds", "cpu_seconds")
+    untimed = [[{k: v for k, v in h.items() if k not in timings} for h in r.history] for r in (first, second)]
+    assert untimed[0] == untimed[1]
+    assert not all(torch.equal(s1[k], s3[k]) for k in s1)
+    assert first.split != other.split
+
+
+def test_128_px_option(tmp_path: Path) -> None:
+    paths = sample_photos(32, step=35)
+    images = load_images([str(p) for p in paths], 128, workers=0)
+    assert images.shape == (32, 3, 128, 128) and images.dtype == torch.uint8
+    result = _tiny(images, [p.name for p in paths], image_size=128, latent_dim=16)
+    model = result.model
+    assert model.config.channels == (32, 64, 128, 256, 256)
+    assert len(model.activation_layers()) == 5
+    mu, logvar = model.encode(images[:3].float() / 255)
+    assert mu.shape == logvar.shape == (3, 16)
+    assert decode_latents(model, mu).shape == (3, 3, 128, 128)
+    assert interpolate(model, images[0], images[1], 4, mode="slerp").shape == (4, 3, 128, 128)
+    save_reconstruction_grid(model, images, tmp_path / "r.png", n=4)
+    with Image.open(tmp_path / "r.png") as im:
+        assert im.size == (4 * 128 + 5 * 2, 2 * 128 + 3 * 2)
+    with pytest.raises(VAEError, match="128"):
+        train_vae(images[:, :, :64, :64], [p.name for p in paths], VAEConfig(image_size=128), progress=False)
+
+
+# ---------------------------------------------------------------------------------------- images / config
+
+
+def test_transform_is_picklable_and_matches_load_images() -> None:
+    path = sample_photos(1)[0]
+    transform = pickle.loads(pickle.dumps(vae_transform(64)))
+    with Image.open(path) as im:
+        x = transform(im.convert("L"))  # any mode in, RGB out
+        y = transform(im)
+    assert x.shape == y.shape == (3, 64, 64) and x.dtype == torch.float32
+    assert y.min() >= 0.0 and y.max() <= 1.0
+    loaded = load_images([str(path)], 64, workers=0)[0]
+    torch.testing.assert_close(loaded.float() / 255, y, atol=1 / 255 + 1e-6, rtol=0)
+
+
+def test_load_images_names_the_file_it_cannot_read(tmp_path: Path) -> None:
+    bad = tmp_path / "not-a-photo.jpg"
+    bad.write_text("hello, I am text")
+    good = str(sample_photos(1)[0])
+    for workers in (0, 1):
+        with pytest.raises(ImageError, match=r"not-a-photo\.jpg"):
+            load_images([good, str(bad)], 64, workers=workers)
+
+
+def test_config_round_trip_and_validation() -> None:
+    cfg = VAEConfig(latent_dim=32, beta=0.5, channels=(8, 16, 32, 64))
+    assert VAEConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert VAEConfig(image_size=128).channels == (32, 64, 128, 256, 256)
+    with pytest.raises(VAEError, match="image_size"):
+        VAEConfig(image_size=96)
+    with pytest.raises(VAEError, match="blocks"):
+        VAEConfig(image_size=128, channels=(32, 64, 128, 256))
+    with pytest.raises(VAEError, match="unknown"):
+        VAEConfig.from_dict({"latent_dim": 8, "colour": "blue"})
+    assert isinstance(ConvVAE(cfg).decode(torch.zeros(1, 32)), torch.Tensor)
