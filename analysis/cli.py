@@ -1,0 +1,154 @@
+"""`mammals` subcommands of the analysis package (registered through ``indexer.cli.register``; ``indexer.cli``
+imports this module lazily, so `mammals --help` stays fast: heavy imports happen inside the run functions)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from indexer.cli import EXIT_OK, register
+from indexer.errors import UsageError
+
+
+# ---------------------------------------------------------------------------------------------------- export
+def _conf_export(p: argparse.ArgumentParser) -> None:
+    # The choices are spelled out here (not imported from analysis.export) to keep `mammals --help` light.
+    whats = ("images", "map", "clusters", "cluster-summary", "sparsity-matrix", "sparsity-curves",
+             "sparsity-differences", "sparsity-context", "sparsity-tests", "sparsity-correlations",
+             "sparsity-heatmap")
+    p.add_argument("store", type=Path, metavar="STORE")
+    p.add_argument("--what", required=True, choices=whats, help="what to export")
+    p.add_argument("--format", dest="fmt", choices=("csv", "parquet", "latex", "png", "svg"),
+                   help="output format (default: from the --out suffix: .csv .parquet .tex .png .svg)")
+    p.add_argument("--out", type=Path, required=True, metavar="PATH", help="file to write (atomically)")
+    p.add_argument("--model", default="encoder", help="sparsity model: encoder, mapper or vae (default encoder)")
+    p.add_argument("--metric", default="hoyer",
+                   help="sparsity metric: near_zero_fraction, hoyer, gini, l1_l2_ratio (default hoyer)")
+    p.add_argument("--label", default="breed",
+                   help="label column: categorical for curves/tests/heatmap, numeric for correlations "
+                        "(default breed)")
+    p.add_argument("--space", action="append", default=[], metavar="SPACE",
+                   help="images: add this space's vectors (repeatable); map/clusters: the space to use")
+    p.add_argument("--confidence", type=float, default=0.95, help="confidence level of curve intervals")
+    p.add_argument("--alpha", type=float, default=0.05, help="false discovery rate for tests (BH)")
+    p.add_argument("--digits", type=int, default=3, help="decimals in LaTeX tables")
+    p.add_argument("--columns", help="comma-separated columns to keep, in order")
+    p.add_argument("--caption", help="LaTeX caption (default: describes the table)")
+    p.add_argument("--title", default="", help="figure title")
+    p.add_argument("--relative", action="store_true",
+                   help="heat-map figure: each group minus its layer's mean (diverging colours)")
+
+
+def _run_export(a: argparse.Namespace) -> int:
+    from analysis.export import export_store
+
+    try:
+        out = export_store(
+            a.store, a.what, a.out, fmt=a.fmt, model=a.model, metric=a.metric, label=a.label, spaces=a.space,
+            confidence=a.confidence, alpha=a.alpha, digits=a.digits, caption=a.caption, title=a.title,
+            relative=a.relative,
+            columns=[c.strip() for c in a.columns.split(",") if c.strip()] if a.columns else None,
+        )
+    except ValueError as e:  # a request the store cannot answer: one line, exit 2 (see indexer.cli.main)
+        raise UsageError(str(e)) from None
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
+register("export", "export tables and figures (CSV, Parquet, LaTeX, PNG, SVG) for papers")(_conf_export)(_run_export)
+
+
+# ---------------------------------------------------------------------------------------------------- map
+def _conf_map(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", type=Path, metavar="STORE")
+    p.add_argument("--space", default="encoder",
+                   help="feature space to map: encoder (default), mapper_id, mapper_attr, vae_mu, vae_logvar")
+    p.add_argument("--dims", type=int, choices=(2, 3), default=2, help="map dimensions (default 2)")
+    p.add_argument("--n-neighbors", type=int, default=15, help="UMAP n_neighbors (default 15)")
+    p.add_argument("--min-dist", type=float, default=0.1, help="UMAP min_dist (default 0.1)")
+    p.add_argument("--metric", default="cosine", help="UMAP metric (default cosine)")
+    p.add_argument("--seed", type=int, default=42,
+                   help="UMAP random_state (default 42; maps of >= 20,000 points ignore it and run in parallel)")
+    p.add_argument("--clusters", action="store_true",
+                   help="also cluster the map with HDBSCAN and print the agreement with every label column")
+    p.add_argument("--min-cluster-size", type=int, default=15, help="HDBSCAN min_cluster_size (default 15)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+
+
+def map_report(store_path: Path, *, space: str = "encoder", dims: int = 2, n_neighbors: int = 15,
+               min_dist: float = 0.1, metric: str = "cosine", seed: int | None = 42, clusters: bool = False,
+               min_cluster_size: int = 15, progress: bool = False) -> dict[str, Any]:
+    """Everything `mammals map` shows, as data: the map (and clusters) computed or loaded from the store's cache."""
+    from analysis.clusters import ClusterParams, compute_clusters, label_agreement
+    from analysis.maps import MapParams, compute_map
+    from indexer.store import Store
+
+    store = Store.open(store_path)
+    try:
+        params = MapParams(space=space, n_components=dims, n_neighbors=n_neighbors, min_dist=min_dist,
+                           metric=metric, random_state=seed)
+        cparams = ClusterParams(space=space, min_cluster_size=min_cluster_size, map=params) if clusters else None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    m = compute_map(store, params, progress=progress)
+    out: dict[str, Any] = {
+        "store": str(store_path),
+        "space": space,
+        "points": len(m.frame),
+        "dims": dims,
+        "params": params.as_dict(),
+        "settings": m.settings,
+        "map": m.info.as_dict(),
+    }
+    if cparams is not None:
+        c = compute_clusters(store, cparams, progress=progress)
+        hard = c.frame["cluster"]
+        out["clusters"] = {
+            **c.info.as_dict(),
+            "params": {k: v for k, v in cparams.as_dict().items() if k != "map"},
+            "n_clusters": int(hard[hard >= 0].nunique()),
+            "noise_fraction": float((hard < 0).mean()) if len(hard) else 0.0,
+            "agreement": label_agreement(store, c.frame).to_dict(orient="records"),
+        }
+    return out
+
+
+def _run_map(a: argparse.Namespace) -> int:
+    import json
+    import math
+
+    r = map_report(a.store, space=a.space, dims=a.dims, n_neighbors=a.n_neighbors, min_dist=a.min_dist,
+                   metric=a.metric, seed=a.seed, clusters=a.clusters, min_cluster_size=a.min_cluster_size,
+                   progress=not a.quiet)
+    if a.json:
+        def clean(v: Any) -> Any:  # NaN (no labelled rows) is not JSON: null instead
+            return None if isinstance(v, float) and math.isnan(v) else v
+
+        if "clusters" in r:
+            r["clusters"]["agreement"] = [{k: clean(v) for k, v in row.items()} for row in r["clusters"]["agreement"]]
+        print(json.dumps(r, indent=2, default=str))
+        return EXIT_OK
+    m = r["map"]
+    how = f"cache hit ({m['source']})" if m["hit"] else "computed"
+    s = r["settings"]
+    extra = f", PCA to {s['pca_components']} dims" if s["pca_components"] else ""
+    seed = "parallel, unseeded" if s["parallel"] else f"seed {s['random_state']}"
+    print(f"map        {r['space']}: {r['points']} points -> {r['dims']}-D in {m['seconds']:.2f} s, {how}")
+    print(f"           UMAP n_neighbors {s['n_neighbors']}, metric {s['umap_metric']}{extra}, {seed}")
+    print(f"table      {m['path']}")
+    if "clusters" in r:
+        c = r["clusters"]
+        how = f"cache hit ({c['source']})" if c["hit"] else "computed"
+        print(f"clusters   {c['n_clusters']} clusters, {c['noise_fraction']:.1%} noise (before soft assignment) "
+              f"in {c['seconds']:.2f} s, {how}")
+        print(f"table      {c['path']}")
+        if c["agreement"]:
+            print(f"{'label':<24} {'NMI':>6} {'ARI':>6} {'labelled':>9} {'values':>7}")
+            for row in c["agreement"]:
+                print(f"{row['label']:<24} {row['nmi']:6.3f} {row['ari']:6.3f} {row['n_labelled']:>9} "
+                      f"{row['n_label_values']:>7}")
+    return EXIT_OK
+
+
+register("map", "UMAP map (and HDBSCAN clusters) of a feature space, cached in the store")(_conf_map)(_run_map)
