@@ -1,4 +1,14 @@
-"""Neighbour-based measures computed from a store alone."""
+"""Neighbours: the nearest images and breed votes of a query, and neighbour-based measures of a whole space.
+
+The queries themselves live in :mod:`indexer.query` (the ``mammals query`` command uses them too) and are
+re-exported here, so the analysis library has one import for them:
+
+* ``query_ids(store, ids, space=..., exclude_self=True)``: an indexed image, from its stored vector;
+* ``query_images(store, paths, space=...)``: new photo files, projected by the store's own models;
+* ``query_texts(store, prompts)``: text prompts, for stores built with an open_clip encoder.
+
+Each returns :class:`QueryResult` objects (neighbours ranked by cosine similarity plus ``breed_votes``).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +16,11 @@ import faiss
 import numpy as np
 
 from indexer import schema
+from indexer.query import BreedVote, Neighbour, QueryResult, breed_votes, query_ids, query_images, query_texts
 from indexer.store import Store
+
+__all__ = ["BreedVote", "Neighbour", "QueryResult", "breed_votes", "knn_label_accuracy", "knn_predictions",
+           "query_ids", "query_images", "query_texts"]
 
 
 def knn_predictions(

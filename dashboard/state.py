@@ -317,6 +317,16 @@ def neighbours_of_upload(key: StoreKey, data: bytes, name: str, space: str, k: i
     return search_vectors(store, np.asarray(vec), k=k, space=space)[0]
 
 
+@st.cache_data(max_entries=64, show_spinner=False)
+def neighbours_of_text(key: StoreKey, prompt: str, k: int) -> list[Neighbour]:
+    """The k nearest images of a text prompt in the encoder space (open_clip stores; ``StoreError`` otherwise)."""
+    from indexer.query import query_texts
+
+    store = store_for(key)
+    result = query_texts(store, [prompt], k=k, encoder=encoder(key.path, key.version))[0]
+    return result.neighbours
+
+
 def votes(neighbours: list[Neighbour]) -> list[BreedVote]:
     from indexer.query import breed_votes
 

@@ -104,9 +104,15 @@ def _run_index(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- query
 def _conf_query(p: argparse.ArgumentParser) -> None:
-    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("images", nargs="*", type=Path, metavar="IMAGE", help="photos to embed and search with")
     p.add_argument("--store", type=Path, required=True)
-    p.add_argument("-k", type=int, default=defaults.K, help=f"neighbours per image (default {defaults.K})")
+    p.add_argument("--id", dest="ids", action="append", default=[], metavar="ID",
+                   help="an indexed image's id (or a unique prefix of 6+ characters); repeatable. Its own row is "
+                        "left out of the neighbours unless --include-self")
+    p.add_argument("--include-self", action="store_true", help="with --id: keep the image itself (rank 1)")
+    p.add_argument("--text", dest="texts", action="append", default=[], metavar="PROMPT",
+                   help="a text prompt (open_clip stores only, encoder space); repeatable")
+    p.add_argument("-k", type=int, default=defaults.K, help=f"neighbours per query (default {defaults.K})")
     p.add_argument("--space", default=schema.ENCODER_SPACE,
                    help="feature space to search: encoder (default), mapper_id, mapper_attr, vae_mu, vae_logvar")
     p.add_argument("--device", default=defaults.DEVICE)
@@ -114,20 +120,28 @@ def _conf_query(p: argparse.ArgumentParser) -> None:
 
 
 def _run_query(a: argparse.Namespace) -> int:
-    from indexer.query import QUERY_JSON_SCHEMA, query_images
+    from indexer.query import QUERY_JSON_SCHEMA, query_ids, query_images, query_texts
     from indexer.store import Store
 
     if a.k < 1:
         raise UsageError("-k must be >= 1")
+    if not (a.images or a.ids or a.texts):
+        raise UsageError("nothing to query: give IMAGE paths, --id ID or --text PROMPT")
     store = Store.open(a.store)
-    results = query_images(store, a.images, k=a.k, space=a.space, device=a.device)
+    results = []
+    if a.images:
+        results += query_images(store, a.images, k=a.k, space=a.space, device=a.device)
+    if a.ids:
+        results += query_ids(store, a.ids, k=a.k, space=a.space, exclude_self=not a.include_self)
+    if a.texts:
+        results += query_texts(store, a.texts, k=a.k, space=a.space, device=a.device)
     if a.json:
         print(json.dumps({"schema": QUERY_JSON_SCHEMA, "store": str(a.store), "space": a.space,
                           "encoder": store.encoder["name"], "k": a.k,
                           "results": [r.as_dict() for r in results]}, indent=2))
     else:
         for r in results:
-            print(f"== {r.query}")
+            print(f"== {r.kind} {r.query}")
             if r.error:
                 print(f"   error: {r.error}")
                 continue

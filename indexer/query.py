@@ -1,11 +1,11 @@
-"""Nearest indexed images and breed votes for new photos (`mammals query`)."""
+"""Nearest indexed images and breed votes (`mammals query`): for new photos, indexed ids and text prompts."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -14,7 +14,7 @@ from PIL import Image
 
 from indexer import defaults, schema
 from indexer.encoders import Encoder, load_encoder
-from indexer.encoders.registry import resolve_device
+from indexer.encoders.registry import has_text_tower, resolve_device
 from indexer.extract import embed
 from indexer.images import ImageError, load_image
 from indexer.latents import MAPPER, SPACE_MODEL, TrainedModels, load_trained_models, mapper_vectors, vae_vectors
@@ -43,12 +43,16 @@ class BreedVote:
     share: float  # score / total score of all labelled neighbours
 
 
+QueryKind = Literal["image", "id", "text"]
+
+
 @dataclass
 class QueryResult:
-    query: str
+    query: str  # the photo path, the indexed id or the prompt, as given
     neighbours: list[Neighbour] = field(default_factory=list)
     breed_votes: list[BreedVote] = field(default_factory=list)
     error: str | None = None
+    kind: QueryKind = "image"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,26 +80,33 @@ def breed_votes(neighbours: Sequence[Neighbour]) -> list[BreedVote]:
 
 
 def search_vectors(
-    store: Store, vectors: np.ndarray, *, k: int, space: str = schema.ENCODER_SPACE, exclude_self: bool = False
+    store: Store, vectors: np.ndarray, *, k: int, space: str = schema.ENCODER_SPACE,
+    exclude_ids: Sequence[str] | None = None,
 ) -> list[list[Neighbour]]:
-    """The k nearest indexed images of each row of ``vectors`` in ``space``."""
+    """The k nearest indexed images of each row of ``vectors`` in ``space``.
+
+    ``exclude_ids`` (one per row) drops that image from its row's neighbours: by id, not by rank, because an exact
+    duplicate may tie with or outrank the image itself.
+    """
+    if exclude_ids is not None and len(exclude_ids) != len(vectors):
+        raise ValueError(f"exclude_ids has {len(exclude_ids)} ids for {len(vectors)} vectors")
     index = store.faiss_index(space)
     by_fid = store.images.set_index("faiss_id")
-    kk = min(k + (1 if exclude_self else 0), index.ntotal)
+    kk = min(k + (1 if exclude_ids is not None else 0), index.ntotal)
     if kk == 0:
         return [[] for _ in range(len(vectors))]
     sims, fids = index.search(unit_rows(vectors), kk)
     out: list[list[Neighbour]] = []
-    for row_sims, row_fids in zip(sims, fids, strict=True):
+    for row, (row_sims, row_fids) in enumerate(zip(sims, fids, strict=True)):
         found = []
         for s, f in zip(row_sims, row_fids, strict=True):
             if f < 0:
                 continue
             img = by_fid.loc[int(f)]
+            if exclude_ids is not None and img["id"] == exclude_ids[row]:
+                continue
             found.append(Neighbour(0, str(img["id"]), str(img["path"]), _none_if_na(img["species"]),
                                    _none_if_na(img["breed"]), float(s)))
-        if exclude_self:
-            found = found[1:]
         for r, n in enumerate(found[:k], start=1):
             n.rank = r
         out.append(found[:k])
@@ -119,9 +130,7 @@ def query_images(
     device: str = "auto",
 ) -> list[QueryResult]:
     """Project each query photo into ``space`` with the store's own models; return neighbours and breed votes."""
-    if space not in store.space_names():
-        raise StoreError(f"{store.path}: no space {space!r} (spaces: {', '.join(store.space_names())}; "
-                         "train a model and run `mammals index` to add its spaces)")
+    _check_space(store, space)
     dev = resolve_device(device)
     if encoder is None:
         encoder = encoder_for_store(store, str(dev))
@@ -138,6 +147,98 @@ def query_images(
         vec = project_image(img, space, encoder, models, dev)
         nbrs = search_vectors(store, vec, k=k, space=space)[0]
         results.append(QueryResult(str(path), nbrs, breed_votes(nbrs)))
+    return results
+
+
+def _check_space(store: Store, space: str) -> None:
+    if space not in store.space_names():
+        raise StoreError(f"{store.path}: no space {space!r} (spaces: {', '.join(store.space_names())}; "
+                         "train a model and run `mammals index` to add its spaces)")
+
+
+MIN_ID_PREFIX = 6
+
+
+def _resolve_id(sorted_ids: list[str], prefix: str) -> tuple[str, str]:
+    """``(full id, "")`` for a full id or a unique prefix of at least ``MIN_ID_PREFIX`` characters; else
+    ``("", why)``."""
+    import bisect
+
+    i = bisect.bisect_left(sorted_ids, prefix)
+    matches: list[str] = []
+    while i < len(sorted_ids) and sorted_ids[i].startswith(prefix) and len(matches) < 2:
+        matches.append(sorted_ids[i])
+        i += 1
+    if matches and matches[0] == prefix:
+        return prefix, ""
+    if len(prefix) < MIN_ID_PREFIX:
+        return "", f"id {prefix!r} is too short (give at least {MIN_ID_PREFIX} characters)"
+    if not matches:
+        return "", f"no indexed image with id {prefix!r}"
+    if len(matches) > 1:
+        return "", f"id prefix {prefix!r} is ambiguous"
+    return matches[0], ""
+
+
+def query_ids(
+    store: Store, ids: Sequence[str], *, k: int = defaults.K, space: str = schema.ENCODER_SPACE,
+    exclude_self: bool = False,
+) -> list[QueryResult]:
+    """Neighbours and breed votes of indexed images, from their stored vectors (no model is loaded).
+
+    An id may be abbreviated to a unique prefix (like a git hash).  Without ``exclude_self`` the image itself ranks
+    first (similarity 1); with it the k others are returned, which is what a "nearest breeds" vote about an indexed
+    photo should count.  An unknown or ambiguous id is an error in its result, not an exception.
+    """
+    _check_space(store, space)
+    sp = store.space(space)
+    row_of = {image_id: i for i, image_id in enumerate(sp.ids)}
+    results: list[QueryResult] = []
+    for given in ids:
+        image_id, problem = _resolve_id(sorted(row_of), given.strip().lower())
+        row = row_of.get(image_id)
+        if row is None:
+            results.append(QueryResult(given, error=f"{problem} in space {space!r}", kind="id"))
+            continue
+        nbrs = search_vectors(store, sp.vectors[row][None, :], k=k, space=space,
+                              exclude_ids=[image_id] if exclude_self else None)[0]
+        results.append(QueryResult(given, nbrs, breed_votes(nbrs), kind="id"))
+    return results
+
+
+def query_texts(
+    store: Store,
+    prompts: Sequence[str],
+    *,
+    k: int = defaults.K,
+    space: str = schema.ENCODER_SPACE,
+    encoder: Encoder | None = None,
+    device: str = "auto",
+) -> list[QueryResult]:
+    """Nearest images of text prompts, for stores built with an open_clip encoder (its text tower).
+
+    Only the encoder space shares the text tower's embedding space: the mapper and the VAE were trained on image
+    embeddings and photos, so a prompt has no meaning in their spaces and is refused rather than projected.
+    """
+    if space != schema.ENCODER_SPACE:
+        raise StoreError(f"text prompts search the {schema.ENCODER_SPACE!r} space only, not {space!r} "
+                         "(the mapper and VAE spaces are made from images)")
+    if not has_text_tower(store.encoder["name"]):
+        raise StoreError(f"{store.path}: encoder {store.encoder['name']!r} has no text tower; text prompts need a "
+                         "store built with an open_clip encoder")
+    if encoder is None:
+        encoder = encoder_for_store(store, str(resolve_device(device)))
+    else:
+        store.check_encoder(encoder.describe())
+    if encoder.encode_text is None:  # the name said open_clip, so this is a bug, not a user error
+        raise RuntimeError(f"{encoder.name}: open_clip encoder loaded without its text tower")
+    texts = [p.strip() for p in prompts]
+    results: list[QueryResult] = [QueryResult(p, error="empty prompt", kind="text") for p in prompts]
+    wanted = [i for i, t in enumerate(texts) if t]
+    if wanted:
+        vecs = encoder.encode_text([texts[i] for i in wanted]).numpy()
+        for i, nbrs in zip(wanted, search_vectors(store, vecs, k=k, space=space), strict=True):
+            results[i] = QueryResult(prompts[i], nbrs, breed_votes(nbrs), kind="text")
     return results
 
 

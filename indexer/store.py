@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import os
 import platform
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -132,8 +133,9 @@ class Store:
 
     # ----------------------------------------------------------------- opening
     @classmethod
-    def create(cls, path: Path, encoder: Mapping[str, Any]) -> Store:
+    def create(cls, path: str | os.PathLike[str], encoder: Mapping[str, Any]) -> Store:
         """A new, empty store (nothing is written until ``commit``)."""
+        path = Path(path)
         if (path / schema.MANIFEST).exists():
             raise StoreError(f"{path}: a store already exists here")
         if path.exists() and not path.is_dir():
@@ -162,8 +164,9 @@ class Store:
         return store
 
     @classmethod
-    def open(cls, path: Path) -> Store:
+    def open(cls, path: str | os.PathLike[str]) -> Store:
         """Open an existing store, repairing a commit that a killed run left half done."""
+        path = Path(path)
         manifest_path = path / schema.MANIFEST
         if not path.exists():
             raise StoreError(f"{path}: no such store")
@@ -193,7 +196,8 @@ class Store:
         return store
 
     @classmethod
-    def open_or_create(cls, path: Path, encoder: Mapping[str, Any]) -> Store:
+    def open_or_create(cls, path: str | os.PathLike[str], encoder: Mapping[str, Any]) -> Store:
+        path = Path(path)
         if (path / schema.MANIFEST).exists():
             store = cls.open(path)
             store.check_encoder(encoder)

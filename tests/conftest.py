@@ -22,7 +22,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if not PETS.is_dir():
         skip = pytest.mark.skip(reason=f"{PETS} is missing (the shared photos sit beside the checkout)")
         for item in items:
-            if "pets_store" in getattr(item, "fixturenames", ()):
+            if {"pets_store", "clip_store"} & set(getattr(item, "fixturenames", ())):
                 item.add_marker(skip)
 
 
@@ -50,6 +50,25 @@ def pets_store_full(pets_store: Path, tmp_path_factory: pytest.TempPathFactory) 
     report = run_index([PETS], store, progress=False)
     assert report.added == 0 and set(report.recomputed) == {"mapper_id", "mapper_attr", "vae_mu", "vae_logvar"}
     return store
+
+
+@pytest.fixture(scope="session")
+def clip_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, list[Path]]:
+    """``(store, encoder name, photos)``: 24 shared photos indexed with a tiny real open_clip model (random weights,
+    saved by the test; open_clip weights cannot be downloaded here).  Read-only."""
+    from indexer.cli import main as cli
+    from tests.helpers_openclip import make_tiny_open_clip_checkpoint
+
+    root = tmp_path_factory.mktemp("clip")
+    name = make_tiny_open_clip_checkpoint(root / "ckpt")
+    photos = sample_photos(24, step=47)
+    src = root / "src"
+    for p in photos:  # the pets layout (species/breed/file) so that breeds are labelled
+        dst = src / p.relative_to(PETS)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, dst)
+    assert cli(["index", str(src), "--store", str(root / "store"), "--encoder", name, "-q", "--workers", "0"]) == 0
+    return root / "store", name, [src / p.relative_to(PETS) for p in photos]
 
 
 @pytest.fixture

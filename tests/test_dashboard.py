@@ -257,6 +257,24 @@ def test_pages_run_on_a_store_without_models(pets_store: Path, monkeypatch: pyte
         assert any("mammals train mapper" in i.value for i in at.info)
     if name == "query":
         assert at.selectbox(key="query-space").options == ["encoder"]
+        assert at.radio(key="query-source").options == ["Indexed photo", "Upload"]  # no text tower
+
+
+def test_query_by_text_prompt_on_an_open_clip_store(clip_store: tuple[Path, str, list[Path]],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    store_path, _, _ = clip_store
+    at = page("query", store_path, monkeypatch)
+    no_exception(at)
+    assert "Text prompt" in at.radio(key="query-source").options
+    at.radio(key="query-source").set_value("Text prompt").run()
+    no_exception(at)
+    assert at.selectbox(key="query-space").options == ["encoder"]
+    at.text_input(key="query-text").set_value("a photo of a pug").run()
+    no_exception(at)
+    table = table_with(at, "rank", "similarity", "breed", "id")
+    assert len(table) == 12 and table["similarity"].is_monotonic_decreasing
+    votes = [s for s in plotly_specs(at) if "Breed vote" in s]
+    assert votes and '"bar"' in votes[0]
 
 
 # ---------------------------------------------------------------------------------------------- no store, CLI

@@ -112,7 +112,7 @@ def test_cli_query_json_is_stable(pets_store: Path, capsys: pytest.CaptureFixtur
     assert out["schema"] == "mammals.query/1"
     assert out["k"] == 3 and out["space"] == "encoder" and out["encoder"] == "efficientnet-lite0"
     good, failed = out["results"]
-    assert set(good) == {"query", "neighbours", "breed_votes", "error"}
+    assert set(good) == {"query", "kind", "neighbours", "breed_votes", "error"} and good["kind"] == "image"
     assert set(good["neighbours"][0]) == {"rank", "id", "path", "species", "breed", "similarity"}
     assert set(good["breed_votes"][0]) == {"species", "breed", "votes", "score", "share"}
     assert len(good["neighbours"]) == 3 and good["error"] is None
@@ -236,24 +236,16 @@ def test_query_with_other_encoder_is_refused(tmp_path: Path) -> None:
     assert "open_clip:" in str(exc.value)
 
 
-def test_open_clip_encoder_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tests.helpers_openclip import make_tiny_open_clip_checkpoint
-
-    name = make_tiny_open_clip_checkpoint(tmp_path / "ckpt")
-    store = tmp_path / "store"
-    photos = sample_photos(12, step=91)
-    src = tmp_path / "src"
-    for p in photos:
-        (src / p.parent.parent.name / p.parent.name).mkdir(parents=True, exist_ok=True)
-        shutil.copy(p, src / p.parent.parent.name / p.parent.name / p.name)
-    assert cli(["index", str(src), "--store", str(store), "--encoder", name, "-q", "--workers", "0"]) == 0
-    s = Store.open(store)
-    assert len(s) == 12 and s.encoder["name"] == name
+def test_open_clip_encoder_end_to_end(clip_store: tuple[Path, str, list[Path]],
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    store_path, name, photos = clip_store
+    s = Store.open(store_path)
+    assert len(s) == len(photos) and s.encoder["name"] == name
     assert s.space("encoder").dim == s.encoder["dim"]
     capsys.readouterr()
-    assert cli(["query", str(photos[0]), "--store", str(store), "-k", "2", "--json", "-q"]) == 0
+    assert cli(["query", str(photos[0]), "--store", str(store_path), "-k", "2", "--json", "-q"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert Path(out["results"][0]["neighbours"][0]["path"]) == (src / photos[0].relative_to(PETS)).resolve()
+    assert Path(out["results"][0]["neighbours"][0]["path"]) == photos[0].resolve()
 
 
 # ------------------------------------------------------------------------------------------------- crash safety

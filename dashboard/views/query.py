@@ -1,4 +1,5 @@
-"""Query: the nearest indexed photos and a breed vote for an uploaded photo or an indexed one, in any space."""
+"""Query: the nearest indexed photos and a breed vote for an indexed photo or an uploaded one, in any space, or for
+a text prompt (open_clip stores)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import streamlit as st
 
 from dashboard import state, widgets
 from dashboard.settings import MAX_UPLOAD_MB, UPLOAD_TYPES
+from indexer import schema
+from indexer.encoders.registry import has_text_tower
 from indexer.images import ImageError
 from indexer.query import Neighbour
 from indexer.store import StoreError
@@ -49,14 +52,33 @@ def _uploaded_neighbours(key: state.StoreKey, space: str, k: int) -> list[Neighb
     return found
 
 
+def _text_neighbours(key: state.StoreKey, k: int) -> list[Neighbour] | None:
+    prompt = st.text_input("Prompt", key="query-text", placeholder="a photo of a sleeping tabby cat",
+                           max_chars=300)
+    if not prompt.strip():
+        st.caption("Searches the encoder space with the open_clip text tower.")
+        return None
+    try:
+        with st.spinner("Embedding the prompt…"):
+            return state.neighbours_of_text(key, prompt.strip(), k)
+    except StoreError as e:
+        st.error(str(e))
+        return None
+
+
 def render() -> None:
-    """Choose the query (upload or indexed photo) and the space; show neighbours and the breed vote."""
+    """Choose the query (indexed photo, upload or text prompt) and the space; show neighbours and the breed vote."""
     key = state.current_key()
     store = state.store_for(key)
     st.title("Query")
     spaces = store.space_names()
+    sources = ["Indexed photo", "Upload"]
+    if has_text_tower(store.encoder["name"]):
+        sources.append("Text prompt")
     c1, c2, c3 = st.columns([2, 2, 1])
-    source = c1.radio("Query photo", ["Indexed photo", "Upload"], horizontal=True, key="query-source")
+    source = c1.radio("Query", sources, horizontal=True, key="query-source")
+    if source == "Text prompt":  # only the encoder space shares the text tower's embedding space
+        spaces = [schema.ENCODER_SPACE]
     space = c2.selectbox("Space", spaces, index=spaces.index("encoder") if "encoder" in spaces else 0,
                          key="query-space")
     k = int(c3.number_input("Neighbours (k)", 1, 100, 12, key="query-k"))
@@ -65,6 +87,8 @@ def render() -> None:
     with picker:
         if source == "Upload":
             found = _uploaded_neighbours(key, space, k)
+        elif source == "Text prompt":
+            found = _text_neighbours(key, k)
         else:
             image_id = widgets.image_picker(key, "Indexed photo", widget_key="query-image")
             row = widgets.store_images(store, [image_id]).iloc[0]

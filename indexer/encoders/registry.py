@@ -78,6 +78,14 @@ def parse_encoder_name(name: str) -> tuple[str, str, str]:
     return family, model, weights
 
 
+def has_text_tower(name: str) -> bool:
+    """Whether the encoder called ``name`` embeds text prompts too (open_clip's text tower), without loading it."""
+    try:
+        return parse_encoder_name(name)[0] == "open_clip"
+    except EncoderError:
+        return False
+
+
 def load_encoder(name: str, device: str = "cpu") -> Encoder:
     """Resolve ``name`` to a frozen encoder on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"``...).
 

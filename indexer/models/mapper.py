@@ -31,8 +31,6 @@ Everything is deterministic for a given seed on the CPU: one seeded global RNG f
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import sys
 import time
@@ -45,12 +43,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from indexer.atomic import atomic_write, atomic_write_json
 from indexer.errors import UsageError
+from indexer.models.checkpoint import CheckpointFormat, read_checkpoint, save_checkpoint
 
 FORMAT = "mammals-space-mapper"
 FORMAT_VERSION = 1
@@ -65,6 +62,9 @@ _PROBE_SEED = 0  # random_state of the sklearn probes: fixed, independent of the
 
 class MapperError(UsageError):
     """A mapper file, input or setting that cannot be used (bad shapes, unknown format, bad labels)."""
+
+
+CHECKPOINT = CheckpointFormat(FORMAT, FORMAT_VERSION, WEIGHTS_FILE, META_FILE, MapperError, "mapper")
 
 
 # --------------------------------------------------------------------------------------------------- config
@@ -789,14 +789,6 @@ def _evaluate(
 # ------------------------------------------------------------------------------------------------ save/load
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _state(mapper: Mapper, classifier: nn.Module) -> dict[str, torch.Tensor]:
     state = {_MAPPER_PREFIX + k: v for k, v in mapper.state_dict().items()}
     state.update({_CLASSIFIER_PREFIX + k: v for k, v in classifier.state_dict().items()})
@@ -806,32 +798,18 @@ def _state(mapper: Mapper, classifier: nn.Module) -> dict[str, torch.Tensor]:
 def save_mapper(result: MapperResult, directory: Path) -> dict[str, Any]:
     """Write ``mapper.safetensors`` (mapper and classifier weights, keys prefixed ``mapper.`` / ``classifier.``)
     and ``mapper.json`` (format, input dim, config, breeds, split, report, history, weights sha256), each
-    atomically (temp file + ``os.replace``). The weights go first and the JSON, which names their sha256, last:
-    a reader that finds the JSON finds the weights it describes.
+    atomically, weights first (see :mod:`indexer.models.checkpoint`).
 
     Returns ``{"sha256": <weights sha256>, "weights": path, "meta": path}``.
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    weights = directory / WEIGHTS_FILE
-    state = _state(result.mapper, result.classifier)
-    atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT}))
-    digest = _sha256(weights)
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "weights": WEIGHTS_FILE,
-        "sha256": digest,
+    return save_checkpoint(CHECKPOINT, directory, _state(result.mapper, result.classifier), {
         "input_dim": result.mapper.input_dim,
-        "torch": torch.__version__,
         "config": result.config.to_dict(),
         "breeds": list(result.breeds),
         "split": result.split,
         "report": result.report,
         "history": result.history,
-    }
-    atomic_write_json(directory / META_FILE, meta)
-    return {"sha256": digest, "weights": str(weights), "meta": str(directory / META_FILE)}
+    })
 
 
 def load_mapper(directory: Path) -> tuple[Mapper, nn.Module, dict[str, Any]]:
@@ -841,49 +819,20 @@ def load_mapper(directory: Path) -> tuple[Mapper, nn.Module, dict[str, Any]]:
     a tensor is missing or has a shape other than the config and breeds need, or the weights are not the ones
     the JSON names.
     """
-    directory = Path(directory)
-    meta_path, weights = directory / META_FILE, directory / WEIGHTS_FILE
-    for p in (meta_path, weights):
-        if not p.is_file():
-            raise MapperError(f"{p}: missing (not a saved mapper directory?)")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise MapperError(f"{meta_path}: unreadable ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise MapperError(f"{meta_path}: not a {FORMAT} file")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise MapperError(f"{meta_path}: format version {meta.get('format_version')}, this code reads {FORMAT_VERSION}")
+    ckpt = read_checkpoint(CHECKPOINT, directory)
+    meta = ckpt.meta
     try:
         config = MapperConfig.from_dict(meta["config"])
         input_dim = int(meta["input_dim"])
         breeds = [str(b) for b in meta["breeds"]]
     except (KeyError, TypeError, ValueError) as e:
-        raise MapperError(f"{meta_path}: bad metadata ({e})") from None
-    try:
-        state = load_file(str(weights))
-    except Exception as e:
-        raise MapperError(f"{weights}: not a readable safetensors file ({e})") from None
-
+        raise MapperError(f"{ckpt.meta_path}: bad metadata ({e})") from None
     mapper = Mapper.from_config(input_dim, config)
     classifier = nn.Linear(input_dim, len(breeds))
-    expected = _state(mapper, classifier)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise MapperError(
-            f"{weights}: tensors do not match {META_FILE}: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    for name, tensor in expected.items():
-        if tuple(state[name].shape) != tuple(tensor.shape):
-            raise MapperError(
-                f"{weights}: {name} has shape {tuple(state[name].shape)}, but {META_FILE} (input_dim {input_dim}, "
-                f"id_dim {config.id_dim}, attr_dim {config.attr_dim}, hidden {config.hidden}, "
-                f"{len(breeds)} breeds) needs {tuple(tensor.shape)}"
-            )
-    # Shapes first, then the hash: a shape error says what is wrong; the hash catches same-shaped swaps.
-    if meta.get("sha256") and _sha256(weights) != meta["sha256"]:
-        raise MapperError(f"{weights}: sha256 differs from the one in {META_FILE} (weights from another run?)")
+    ckpt.load_into(_state(mapper, classifier), needs=(
+        f"{META_FILE} (input_dim {input_dim}, id_dim {config.id_dim}, attr_dim {config.attr_dim}, "
+        f"hidden {config.hidden}, {len(breeds)} breeds)"))
+    state = ckpt.state
     n_m = len(_MAPPER_PREFIX)
     mapper.load_state_dict({k[n_m:]: v for k, v in state.items() if k.startswith(_MAPPER_PREFIX)})
     n_c = len(_CLASSIFIER_PREFIX)

@@ -23,8 +23,6 @@ torch build may change the float summation order and so the last bits.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import sys
 import time
@@ -39,15 +37,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision import transforms
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from indexer.atomic import atomic_write, atomic_write_json
+from indexer.atomic import atomic_write
 from indexer.errors import UsageError
 from indexer.images import ImageError, load_image
+from indexer.models.checkpoint import CheckpointFormat, read_checkpoint, save_checkpoint
 
 __all__ = [
     "FORMAT",
@@ -86,6 +84,9 @@ _GRID_PADDING = 2
 
 class VAEError(UsageError):
     """A VAE file or argument that cannot be used (wrong format, shapes that do not match, bad settings)."""
+
+
+CHECKPOINT = CheckpointFormat(FORMAT, FORMAT_VERSION, WEIGHTS_FILE, META_FILE, VAEError, "VAE")
 
 
 # --------------------------------------------------------------------------------------------------- config
@@ -588,88 +589,37 @@ def _train(images: torch.Tensor, ids: list[str], config: VAEConfig, progress: bo
 # ------------------------------------------------------------------------------------------------ save/load
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_vae(result: VAEResult, directory: Path) -> dict[str, Any]:
-    """Write ``vae.safetensors`` (weights) and ``vae.json`` (format, config, split, report, history) atomically.
+    """Write ``vae.safetensors`` (weights) and ``vae.json`` (format, config, split, report, history, weights
+    sha256), each atomically, weights first (see :mod:`indexer.models.checkpoint`); ``load_vae`` checks that
+    sha256, so a reader that catches an overwrite half-way gets a clear error instead of another run's weights.
 
-    The weights go first and the JSON, which names the weights' sha256, last; ``load_vae`` checks that sha256, so
-    a reader that catches an overwrite half-way gets a clear error instead of another run's weights.
     Returns ``{"sha256": <weights sha256>, "weights": path, "meta": path}``.
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    weights = directory / WEIGHTS_FILE
-    state = {k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()}
-    atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT}))
-    digest = _sha256(weights)
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "weights": WEIGHTS_FILE,
-        "sha256": digest,
-        "torch": torch.__version__,
+    return save_checkpoint(CHECKPOINT, directory, result.model.state_dict(), {
         "config": result.config.to_dict(),
         "split": result.split,
         "report": result.report,
         "history": result.history,
-    }
-    atomic_write_json(directory / META_FILE, meta)
-    return {"sha256": digest, "weights": str(weights), "meta": str(directory / META_FILE)}
+    })
 
 
 def load_vae(directory: Path) -> tuple[ConvVAE, dict[str, Any]]:
     """Read a VAE written by ``save_vae``: ``(model in eval mode, the vae.json contents)``.
 
     Only safetensors are read (no pickles). Raises ``VAEError`` when a file is missing, the format is unknown,
-    the weights are not the ones the JSON names, or a tensor's name or shape does not match the config.
+    a tensor's name or shape does not match the config, or the weights are not the ones the JSON names.
     """
-    directory = Path(directory)
-    meta_path, weights = directory / META_FILE, directory / WEIGHTS_FILE
-    for p in (meta_path, weights):
-        if not p.is_file():
-            raise VAEError(f"{p}: missing (not a saved VAE directory?)")
+    ckpt = read_checkpoint(CHECKPOINT, directory)
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise VAEError(f"{meta_path}: unreadable ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise VAEError(f"{meta_path}: not a {FORMAT} file")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise VAEError(f"{meta_path}: format version {meta.get('format_version')}, this code reads {FORMAT_VERSION}")
-    if meta.get("sha256") and _sha256(weights) != meta["sha256"]:
-        raise VAEError(f"{weights}: sha256 differs from the one in {META_FILE} (weights from another run?)")
-    try:
-        config = VAEConfig.from_dict(meta["config"])
-    except (KeyError, TypeError) as e:
-        raise VAEError(f"{meta_path}: bad config ({e})") from None
-    try:
-        state = load_file(str(weights))
-    except Exception as e:  # safetensors raises its own error types
-        raise VAEError(f"{weights}: not a readable safetensors file ({e})") from None
-
+        config = VAEConfig.from_dict(ckpt.meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise VAEError(f"{ckpt.meta_path}: bad config ({e})") from None
     model = ConvVAE(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise VAEError(
-            f"{weights}: tensors do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    for name, tensor in expected.items():
-        if tuple(state[name].shape) != tuple(tensor.shape):
-            raise VAEError(
-                f"{weights}: {name} has shape {tuple(state[name].shape)}, the config needs {tuple(tensor.shape)}"
-            )
-    model.load_state_dict(state)
+    ckpt.load_into(model.state_dict(), needs="the config")
+    model.load_state_dict(ckpt.state)
     model.eval()
-    return model, meta
+    return model, ckpt.meta
 
 
 # ------------------------------------------------------------------------------------------------ inference
