@@ -184,8 +184,8 @@ def bench_size(src: Store, n: int, noise: float, shape: str, tmp: Path) -> dict[
     t0 = time.perf_counter()
     cache.file_sha256(store.table_path(schema.ENCODER_SPACE))  # what a first fingerprint costs (then remembered)
     hash_s = time.perf_counter() - t0
-    # Opening a store reads every space once (Store._repair checks their ids): a dashboard does it once per
-    # process (the store object is cached), so it is timed apart from the repaint.
+    # Opening a store reads every space's id column (Store._repair checks they agree): a dashboard does it once
+    # per process (the store object is cached), so it is timed apart from the repaint.
     t0 = time.perf_counter()
     opened = Store.open(path)
     open_s = time.perf_counter() - t0

@@ -94,9 +94,10 @@ def _run_index(a: argparse.Namespace) -> int:
         print(json.dumps({**report.as_dict(), "error_files": [{"path": p, "reason": r} for p, r in report.errors]},
                          indent=2))
     else:
+        rate = f", {report.images_per_second:.1f} img/s" if report.added else ""  # no rate for a run that added none
         print(f"{a.store}: added {report.added}, already indexed {report.already_indexed}, "
               f"duplicates {report.duplicates}, errors {len(report.errors)} "
-              f"({report.scanned} files scanned in {report.seconds:.1f} s, {report.images_per_second:.1f} img/s)")
+              f"({report.scanned} files scanned in {report.seconds:.1f} s{rate})")
         if report.recomputed:
             print(f"{a.store}: recomputed for every image: {', '.join(report.recomputed)}")
     return EXIT_OK

@@ -224,14 +224,17 @@ class Store:
             log.warning("%s: removed %d temp file(s) left by an interrupted run", self.path, removed)
         image_ids = self.images["id"].tolist()
         common = set(image_ids)
+        # Only the id columns are read here: opening a 100k-image store must not load every space's vectors.
+        space_ids: dict[str, list[str]] = {}
         for name in self.space_names():
             try:
-                common &= set(self.space(name).ids)
+                space_ids[name] = self._space_ids(name)
             except StoreError:
                 log.warning("%s: space %r is unreadable; it will be recomputed", self.path, name)
                 self.drop_space(name)
-        if len(common) == len(image_ids) and all(len(self.space(n).ids) == len(image_ids)
-                                                  for n in self.space_names()):
+                continue
+            common &= set(space_ids[name])
+        if len(common) == len(image_ids) and all(len(ids) == len(image_ids) for ids in space_ids.values()):
             return
         log.warning(
             "%s: the last commit was interrupted; rolling back to the %d rows every table holds (the rest will be "
@@ -273,6 +276,15 @@ class Store:
 
     def index_path(self, name: str) -> Path:
         return self.path / schema.SPACES_DIR / f"{name}.faiss"
+
+    def _space_ids(self, name: str) -> list[str]:
+        """A space's ids in row order, without reading its vectors when they are not loaded yet."""
+        if name in self._spaces:
+            return self._spaces[name].ids
+        try:
+            return pq.read_table(self.table_path(name), columns=["id"]).column("id").to_pylist()
+        except (OSError, pa.ArrowException, KeyError) as e:
+            raise StoreError(f"{self.table_path(name)}: unreadable ({e})") from None
 
     def space(self, name: str) -> Space:
         if name in self._dropped_spaces or name not in self.space_names():
