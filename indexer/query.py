@@ -193,9 +193,10 @@ def query_ids(
     _check_space(store, space)
     sp = store.space(space)
     row_of = {image_id: i for i, image_id in enumerate(sp.ids)}
+    sorted_ids = sorted(row_of)
     results: list[QueryResult] = []
     for given in ids:
-        image_id, problem = _resolve_id(sorted(row_of), given.strip().lower())
+        image_id, problem = _resolve_id(sorted_ids, given.strip().lower())
         row = row_of.get(image_id)
         if row is None:
             results.append(QueryResult(given, error=f"{problem} in space {space!r}", kind="id"))
