@@ -270,6 +270,13 @@ def group_tests(key: StoreKey, model: str, metric: str, label: str, alpha: float
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
+def numeric_correlations(key: StoreKey, model: str, metric: str, label: str, alpha: float = 0.05) -> pd.DataFrame:
+    from analysis import sparsity_stats
+
+    return sparsity_stats.numeric_correlations(store_for(key), model, metric, label, alpha=alpha)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
 def breed_heatmap(key: StoreKey, model: str, metric: str, label: str = "breed") -> pd.DataFrame:
     from analysis import sparsity_stats
 
@@ -287,14 +294,16 @@ def encoder(path: str, version: str) -> Encoder:
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
-def neighbours_of_indexed(key: StoreKey, image_id: str, space: str, k: int) -> list[Neighbour]:
-    """The k nearest images of an indexed image in a space, from its stored vector (it ranks first itself)."""
-    from indexer.query import search_vectors
+def neighbours_of_indexed(key: StoreKey, image_id: str, space: str, k: int, exclude_self: bool = False
+                          ) -> list[Neighbour]:
+    """The k nearest images of an indexed image in a space, from its stored vector (``query_ids``): without
+    ``exclude_self`` it ranks first itself."""
+    from indexer.query import query_ids
 
-    store = store_for(key)
-    sp = store.space(space)
-    row = sp.ids.index(image_id)
-    return search_vectors(store, sp.vectors[row][None, :], k=k, space=space)[0]
+    result = query_ids(store_for(key), [image_id], k=k, space=space, exclude_self=exclude_self)[0]
+    if result.error:  # the picker only offers indexed ids, so this is a store changed under the page
+        raise StoreError(result.error)
+    return result.neighbours
 
 
 @st.cache_data(max_entries=64, show_spinner=False)

@@ -98,6 +98,8 @@ def _run_index(a: argparse.Namespace) -> int:
         print(f"{a.store}: added {report.added}, already indexed {report.already_indexed}, "
               f"duplicates {report.duplicates}, errors {len(report.errors)} "
               f"({report.scanned} files scanned in {report.seconds:.1f} s{rate})")
+        if report.labels_updated:
+            print(f"{a.store}: labels from {a.labels} updated for {report.labels_updated} already-indexed images")
         if report.recomputed:
             print(f"{a.store}: recomputed for every image: {', '.join(report.recomputed)}")
     return EXIT_OK

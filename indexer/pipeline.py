@@ -65,6 +65,7 @@ class IndexReport:
     seconds: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
     labels_matched: int | None = None
+    labels_updated: int | None = None  # already-indexed images whose labels the CSV changed
     spaces: list[str] = field(default_factory=list)
     recomputed: list[str] = field(default_factory=list)  # spaces / sparsity records backfilled for all images
 
@@ -84,6 +85,7 @@ class IndexReport:
             "images_per_second": round(self.images_per_second, 2),
             "stages": self.stages,
             "labels_matched": self.labels_matched,
+            "labels_updated": self.labels_updated,
             "spaces": self.spaces,
             "recomputed": self.recomputed,
         }
@@ -239,6 +241,8 @@ def run_index(
     models = load_trained_models(store, dev)
     plan = _plan(store, enc, models, sparsity=sparsity, threshold=sparsity_threshold)
     report = IndexReport(store=str(store_path), scanned=len(rows), labels_matched=matched)
+    if labels_csv is not None:
+        report.labels_updated = _relabel(store, rows)
     parameters = {
         "sources": [str(Path(s).resolve()) for s in sources],
         "layout": layout,
@@ -266,6 +270,22 @@ def run_index(
            **{k: v for k, v in report.as_dict().items() if k != "store"}}
     store.commit(parameters=parameters, run=run)
     return report
+
+
+def _relabel(store: Store, rows: list[CatalogRow]) -> int:
+    """Give photos indexed by an earlier run the labels this run's CSV has for them (matched by path).
+
+    A run only embeds new photos, but a labels CSV (e.g. ratings) given later must still reach the old ones.
+    """
+    id_of = dict(zip(store.images["path"], store.images["id"], strict=True))
+    records: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        image_id = id_of.get(str(r.path))
+        if image_id is not None:
+            records[image_id] = {**r.labels, "species": r.species, "breed": r.breed}
+    if not records:
+        return 0
+    return store.set_labels(pd.DataFrame.from_dict(records, orient="index"))
 
 
 def _add_new_photos(

@@ -364,6 +364,46 @@ class Store:
         self.errors = self.errors[~self.errors["path"].isin(rows["path"])].reset_index(drop=True)
         self._dirty = True
 
+    def set_labels(self, labels: pd.DataFrame) -> int:
+        """Join label columns onto already-indexed images: ``labels`` is indexed by image id, one column per label.
+
+        A value present in ``labels`` replaces the image's earlier value of that column; a missing one keeps it.
+        ``species`` and ``breed`` only fill images that have none (as when indexing), and the schema's other
+        columns (ids, paths, sizes) are never touched.  Returns how many images changed.
+        """
+        labels = labels[~labels.index.duplicated(keep="first")]
+        hit = self.images["id"].isin(labels.index).to_numpy()
+        if not hit.any():
+            return 0
+        rows = labels.reindex(self.images.loc[hit, "id"])
+        images = self.images.copy()
+        changed = np.zeros(len(images), dtype=bool)
+        for col in labels.columns:
+            if col in schema.IMAGE_COLUMNS and col not in ("species", "breed"):
+                continue
+            current = (images[col] if col in images.columns else pd.Series(None, index=images.index)).astype(object)
+            current = current.where(current.notna(), None)
+            new = rows[col].astype(object).to_numpy()
+            given = pd.notna(new)
+            old = current[hit].to_numpy()
+            if col in ("species", "breed"):
+                take = given & pd.isna(old)
+            else:
+                take = given & np.array([o is None or o != v for o, v in zip(old, new, strict=True)], dtype=bool)
+            if not take.any():
+                continue
+            where = np.flatnonzero(hit)[take]
+            values = current.to_numpy(copy=True)
+            values[where] = new[take]
+            # Back from object to a real dtype (float64, str, bool), as indexing with the CSV would have made it.
+            images[col] = pd.Series(values, index=images.index, dtype=object).infer_objects()
+            changed[where] = True
+        n = int(changed.sum())
+        if n:
+            self.images = images
+            self._dirty = True
+        return n
+
     def set_errors(self, errors: Iterable[Mapping[str, Any]]) -> None:
         """Record (or replace, by path) files that could not be used."""
         new = pd.DataFrame(list(errors), columns=list(schema.ERROR_SCHEMA.names))

@@ -124,34 +124,39 @@ def test_clusters_page_has_galleries_and_agreement(pets_store_full: Path, monkey
     assert any(m.value.startswith("**Cluster") for m in at.markdown)
 
 
-def _relpath_of_breed(store: Path, breed: str) -> tuple[str, str]:
-    import pandas as pd
-
-    images = pd.read_parquet(store / "images.parquet")
-    row = images[images["breed"] == breed].sort_values("relpath").iloc[0]
-    return str(row["relpath"]), str(row["id"])
-
-
 @pytest.mark.parametrize("space", ["encoder", "mapper_id"])
-def test_query_with_an_indexed_photo_finds_itself_first(pets_store_full: Path, monkeypatch: pytest.MonkeyPatch,
-                                                        space: str) -> None:
-    import pandas as pd
+def test_query_with_an_indexed_photo_finds_its_breed_first(pets_store_full: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           space: str) -> None:
+    from indexer.query import query_ids
+    from indexer.store import Store
 
-    breeds = pd.read_parquet(pets_store_full / "images.parquet")["breed"].dropna()
-    breed = str(breeds.value_counts().index[0])
-    relpath, image_id = _relpath_of_breed(pets_store_full, breed)
+    store = Store.open(pets_store_full)
+    labelled = store.images.dropna(subset=["breed"]).sort_values("relpath")
+    sample = labelled.iloc[:: len(labelled) // 10].iloc[:10]  # ten photos spread over the breeds
+    expected = query_ids(store, sample["id"].tolist(), k=12, space=space, exclude_self=True)
     at = page("query", pets_store_full, monkeypatch)
     no_exception(at)
     at.selectbox(key="query-space").set_value(space)
-    at.selectbox(key="query-image").set_value(relpath).run()
-    no_exception(at)
-    table = table_with(at, "rank", "similarity", "breed", "id")
-    first = table.iloc[0]
-    assert first["id"] == image_id and first["breed"] == breed and first["similarity"] > 0.999
-    assert len(table) == 12
-    assert any(c.startswith(f"1. {breed}") for c in captions(at))
+    same_breed_first = 0
+    for (_, row), lib in zip(sample.iterrows(), expected, strict=True):
+        at.selectbox(key="query-image").set_value(row["relpath"]).run()
+        no_exception(at)
+        table = table_with(at, "rank", "similarity", "breed", "id")
+        # By default the photo itself is left out: the page shows what the library's query_ids returns.
+        assert table["id"].tolist() == [n.id for n in lib.neighbours] and row["id"] not in set(table["id"])
+        assert len(table) == 12 and table["similarity"].is_monotonic_decreasing
+        same_breed_first += table.iloc[0]["breed"] == row["breed"]
+    # Store-wide, the nearest other photo has the same breed for 78% of photos (encoder space).
+    assert same_breed_first >= 7
+    assert any(c.startswith(f"1. {table.iloc[0]['breed']}") for c in captions(at))
     votes = [s for s in plotly_specs(at) if "Breed vote" in s]
     assert votes and '"bar"' in votes[0]
+
+    # With the photo itself kept, it ranks first.
+    at.checkbox(key="query-exclude-self").uncheck().run()
+    no_exception(at)
+    first = table_with(at, "rank", "similarity", "breed", "id").iloc[0]
+    assert first["id"] == sample.iloc[-1]["id"] and first["similarity"] > 0.999
 
 
 def test_query_with_uploads(pets_store_full: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -194,6 +199,35 @@ def test_sparsity_page_shows_curves_tests_and_heatmap(pets_store_full: Path,
     at.selectbox(key="sparsity-model").set_value("vae").run()
     at.selectbox(key="sparsity-label").set_value("breed").run()
     no_exception(at)
+
+
+def test_sparsity_page_correlates_a_numeric_label_joined_from_a_csv(pets_store_copy: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+    import pandas as pd
+
+    from indexer.pipeline import run_index
+
+    # A "rating" that rises with the images' last-layer Hoyer sparsity (a planted relation), joined from a CSV.
+    sp = pd.read_parquet(pets_store_copy / "sparsity.parquet")
+    last = sp[(sp["model"] == "encoder") & (sp["metric"] == "hoyer")]
+    last = last[last["layer_index"] == last["layer_index"].max()].set_index("id")["value"]
+    images = pd.read_parquet(pets_store_copy / "images.parquet").set_index("id")
+    rating = pd.qcut(last.rank(method="first"), 5, labels=False) + 1
+    csv = tmp_path / "ratings.csv"
+    pd.DataFrame({"path": images.loc[rating.index, "path"], "rating": rating.astype(float)}).to_csv(csv, index=False)
+    assert run_index([PETS], pets_store_copy, labels_csv=csv, progress=False).labels_updated == len(images)
+
+    at = page("sparsity", pets_store_copy, monkeypatch)
+    no_exception(at)
+    assert "rating" not in at.selectbox(key="sparsity-label").options  # numeric: not a grouping
+    assert at.selectbox(key="sparsity-numeric-label").value == "rating"
+    corr = table_with(at, "layer_index", "rho", "p_adjusted", "significant", "marked")
+    assert (corr["marked"] == "★").sum() == corr["significant"].sum()
+    top = corr.sort_values("layer_index").iloc[-1]
+    assert top["rho"] > 0.9 and top["significant"]
+    assert any("Spearman correlation of hoyer with rating" in s for s in plotly_specs(at))
+    assert np.isfinite(corr["rho"]).all()
 
 
 def test_latent_page_shows_the_interpolation_strip_and_swap(pets_store_full: Path,

@@ -156,6 +156,43 @@ def test_rerun_adds_nothing_and_new_folder_adds_exactly_its_rows(pets_store_copy
     assert set(new["layout"]) == {"breed-folders"}
 
 
+def test_labels_csv_given_later_reaches_already_indexed_images(pets_store_copy: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    before = Store.open(pets_store_copy).images
+    photos = sorted(PETS.rglob("*.jpg"))[::3]
+    rng = np.random.default_rng(0)
+    ratings = rng.integers(1, 6, len(photos)).astype(float)
+    ratings[::10] = np.nan  # an empty cell keeps no value
+    labels = pd.DataFrame({"path": [str(p.relative_to(PETS)) for p in photos], "rating": ratings,
+                           "owner": [f"o{i % 7}" for i in range(len(photos))], "breed": "not-a-breed"})
+    csv = tmp_path / "ratings.csv"
+    labels.to_csv(csv, index=False)
+
+    code = cli(["index", str(PETS), "--store", str(pets_store_copy), "--labels", str(csv), "-q", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["added"] == 0 and report["labels_matched"] == len(photos)
+    assert report["labels_updated"] == len(photos)  # every matched image gains an owner
+
+    after = Store.open(pets_store_copy).images
+    assert after["id"].tolist() == before["id"].tolist()
+    assert after["rating"].dtype == np.float64 and after["owner"].dtype != object
+    by_path = after.set_index("path")
+    got = by_path.loc[[str(p) for p in photos], "rating"].to_numpy()
+    np.testing.assert_array_equal(got, ratings)  # NaN where the cell was empty
+    assert by_path["rating"].notna().sum() == np.isfinite(ratings).sum()
+    assert (after["breed"] == before["breed"]).all()  # a CSV never overrides the layout's breed
+
+    # Numeric labels from the store are what the sparsity statistics read (no labels= argument needed).
+    from analysis.sparsity_stats import numeric_correlations
+
+    corr = numeric_correlations(Store.open(pets_store_copy), "encoder", "hoyer", "rating")
+    assert (corr["n"] == np.isfinite(ratings).sum()).all()
+
+    again = run_index([PETS], pets_store_copy, labels_csv=csv, progress=False)
+    assert again.labels_updated == 0
+
+
 def test_duplicate_bytes_are_indexed_once(tmp_path: Path) -> None:
     src = tmp_path / "flat"
     src.mkdir()

@@ -91,10 +91,13 @@ def render() -> None:
             found = _text_neighbours(key, k)
         else:
             image_id = widgets.image_picker(key, "Indexed photo", widget_key="query-image")
+            # On by default: a vote that counts the photo itself always leans towards its own breed.
+            leave_out = st.checkbox("Leave the photo itself out", value=True, key="query-exclude-self",
+                                    help="Neighbours and breed vote from the other indexed photos only.")
             row = widgets.store_images(store, [image_id]).iloc[0]
             st.image(state.thumbnail(key, image_id, 240), caption=f"{row['relpath']} · {widgets.label_of(row)}",
                      width=160)
-            found = state.neighbours_of_indexed(key, image_id, space, k)
+            found = state.neighbours_of_indexed(key, image_id, space, k, leave_out)
     if found is None:
         return
     if not found:

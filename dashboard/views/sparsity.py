@@ -87,6 +87,46 @@ def heatmap_figure(matrix: pd.DataFrame, metric: str, *, centred: bool = False) 
     return fig
 
 
+def correlation_figure(corr: pd.DataFrame, label: str, metric: str) -> go.Figure:
+    """Spearman's rho per layer; significant layers (after correction) as filled markers."""
+    sig = corr["significant"].astype(bool)
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=corr["layer_index"], y=corr["rho"], mode="lines+markers", name="rho",
+                             marker={"symbol": np.where(sig, "circle", "circle-open"), "size": 8},
+                             customdata=np.stack([corr["layer_name"], corr["p_adjusted"]], axis=1),
+                             hovertemplate="layer %{x} (%{customdata[0]})<br>rho %{y:.3f}<br>"
+                                           "BH-adjusted p %{customdata[1]:.2e}<extra></extra>"))
+    fig.add_hline(y=0, line={"color": "#999999", "width": 1})
+    fig.update_layout(title=f"Spearman correlation of {metric} with {label}, by depth", height=340,
+                      xaxis_title="layer (input → output)", yaxis_title="Spearman rho", showlegend=False,
+                      margin={"t": 50, "b": 40})
+    return fig
+
+
+def _numeric_section(key: state.StoreKey, store: Any, model: str, metric: str) -> None:
+    numeric = [c for c in state.label_columns(store) if c in store.images.columns
+               and not state.is_categorical(store.images[c]) and store.images[c].notna().sum() >= 3]
+    if not numeric:
+        return
+    st.subheader("Numeric labels")
+    label = st.selectbox("Numeric label", numeric, key="sparsity-numeric-label")
+    try:
+        corr = state.numeric_correlations(key, model, metric, label)
+    except ValueError as e:
+        st.warning(str(e))
+        return
+    n_sig = int(corr["significant"].sum())
+    st.caption(f"{corr.attrs.get('test', 'Spearman rho')}, {corr.attrs.get('correction', 'BH')}. "
+               f"{n_sig} of {len(corr)} layers correlate at α = 0.05 (filled markers).")
+    st.plotly_chart(correlation_figure(corr, label, metric), key="sparsity-correlations")
+    table = corr.assign(marked=np.where(corr["significant"], "★", ""))
+    st.dataframe(table[["marked", *corr.columns]], hide_index=True,
+                 column_config={"marked": st.column_config.TextColumn("", help="★ significant after correction"),
+                                "rho": st.column_config.NumberColumn(format="%.3f"),
+                                "p_value": st.column_config.NumberColumn(format="%.2e"),
+                                "p_adjusted": st.column_config.NumberColumn(format="%.2e")})
+
+
 def render() -> None:
     """Model, metric and label selectors; curves, the per-layer test table and a per-breed heat map."""
     key = state.current_key()
@@ -134,6 +174,8 @@ def render() -> None:
                                 "p_adjusted": st.column_config.NumberColumn(format="%.2e"),
                                 "statistic": st.column_config.NumberColumn(format="%.2f"),
                                 "effect_size": st.column_config.NumberColumn(format="%.3f")})
+
+    _numeric_section(key, store, model, metric)
 
     st.subheader("Per breed")
     if "breed" not in store.images.columns or store.images["breed"].notna().sum() == 0:
