@@ -72,23 +72,41 @@ def _conf_map(p: argparse.ArgumentParser) -> None:
                    help="UMAP random_state (default 42; maps of >= 20,000 points ignore it and run in parallel)")
     p.add_argument("--clusters", action="store_true",
                    help="also cluster the map with HDBSCAN and print the agreement with every label column")
+    p.add_argument("--cluster-on", choices=("map", "pca"), default="map",
+                   help="cluster the map's coordinates (default) or the space reduced by PCA (--pca-components)")
+    p.add_argument("--pca-components", type=int, default=50, help="with --cluster-on pca: dimensions (default 50)")
     p.add_argument("--min-cluster-size", type=int, default=15, help="HDBSCAN min_cluster_size (default 15)")
+    p.add_argument("--min-samples", type=int, help="HDBSCAN min_samples (default: min_cluster_size)")
+    p.add_argument("--cluster-selection", choices=("eom", "leaf"), default="eom",
+                   help="HDBSCAN cluster_selection_method (default eom)")
+    p.add_argument("--hard", action="store_true",
+                   help="keep noise points as noise (default: give them their likeliest cluster)")
+    p.add_argument("--coarse", action="store_true",
+                   help="species-level groups: 100 UMAP neighbours and clusters of >= 1/10 of the images "
+                        "(overrides --n-neighbors and --min-cluster-size)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
 
 
 def map_report(store_path: Path, *, space: str = "encoder", dims: int = 2, n_neighbors: int = 15,
                min_dist: float = 0.1, metric: str = "cosine", seed: int | None = 42, clusters: bool = False,
-               min_cluster_size: int = 15, progress: bool = False) -> dict[str, Any]:
+               min_cluster_size: int = 15, cluster_on: str = "map", pca_components: int = 50,
+               min_samples: int | None = None, cluster_selection: str = "eom", soft: bool = True,
+               coarse: bool = False, progress: bool = False) -> dict[str, Any]:
     """Everything `mammals map` shows, as data: the map (and clusters) computed or loaded from the store's cache."""
-    from analysis.clusters import ClusterParams, compute_clusters, label_agreement
+    from analysis.clusters import ClusterParams, coarse_cluster_params, compute_clusters, label_agreement
     from analysis.maps import MapParams, compute_map
     from indexer.store import Store
 
     store = Store.open(store_path)
     try:
+        if coarse:
+            base = coarse_cluster_params(len(store), space)
+            n_neighbors, min_cluster_size = base.map.n_neighbors, base.min_cluster_size
         params = MapParams(space=space, n_components=dims, n_neighbors=n_neighbors, min_dist=min_dist,
                            metric=metric, random_state=seed)
-        cparams = ClusterParams(space=space, min_cluster_size=min_cluster_size, map=params) if clusters else None
+        cparams = ClusterParams(space=space, on=cluster_on, pca_components=pca_components,
+                                min_cluster_size=min_cluster_size, min_samples=min_samples, soft=soft,
+                                cluster_selection_method=cluster_selection, map=params) if clusters else None
     except ValueError as e:
         raise UsageError(str(e)) from None
     m = compute_map(store, params, progress=progress)
@@ -120,7 +138,8 @@ def _run_map(a: argparse.Namespace) -> int:
 
     r = map_report(a.store, space=a.space, dims=a.dims, n_neighbors=a.n_neighbors, min_dist=a.min_dist,
                    metric=a.metric, seed=a.seed, clusters=a.clusters, min_cluster_size=a.min_cluster_size,
-                   progress=not a.quiet)
+                   cluster_on=a.cluster_on, pca_components=a.pca_components, min_samples=a.min_samples,
+                   cluster_selection=a.cluster_selection, soft=not a.hard, coarse=a.coarse, progress=not a.quiet)
     if a.json:
         def clean(v: Any) -> Any:  # NaN (no labelled rows) is not JSON: null instead
             return None if isinstance(v, float) and math.isnan(v) else v
@@ -140,8 +159,9 @@ def _run_map(a: argparse.Namespace) -> int:
     if "clusters" in r:
         c = r["clusters"]
         how = f"cache hit ({c['source']})" if c["hit"] else "computed"
-        print(f"clusters   {c['n_clusters']} clusters, {c['noise_fraction']:.1%} noise (before soft assignment) "
-              f"in {c['seconds']:.2f} s, {how}")
+        on = "the map" if c["params"]["on"] == "map" else f"PCA to {c['params']['pca_components']} dims"
+        print(f"clusters   {c['n_clusters']} clusters on {on}, {c['noise_fraction']:.1%} noise (before soft "
+              f"assignment) in {c['seconds']:.2f} s, {how}")
         print(f"table      {c['path']}")
         if c["agreement"]:
             print(f"{'label':<24} {'NMI':>6} {'ARI':>6} {'labelled':>9} {'values':>7}")

@@ -257,3 +257,29 @@ def test_cli_map_3d_json_and_cached_text_summary(store_path: Path, default_clust
 
     assert main(["map", str(store_path), "--space", "nope", "-q"]) == 2
     assert "no space 'nope'" in capsys.readouterr().err
+
+
+def test_cli_cluster_options_are_recorded(store_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from indexer.cli import main
+
+    # On a PCA reduction of the space, noise kept as noise: both recorded with the cached clustering.
+    assert main(["map", str(store_path), "--clusters", "--cluster-on", "pca", "--pca-components", "20", "--hard",
+                 "--min-cluster-size", "10", "--json", "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)["clusters"]
+    assert report["params"]["on"] == "pca" and report["params"]["pca_components"] == 20
+    assert report["params"]["soft"] is False and "map" not in report["params"]
+    sidecar = json.loads(Path(report["path"]).with_suffix(".json").read_text())
+    assert sidecar["params"]["clusters"]["on"] == "pca"
+    frame = pd.read_parquet(report["path"])
+    assert (frame["soft_cluster"] == frame["cluster"]).all()  # --hard: noise stays -1
+    assert report["n_clusters"] >= 2
+
+    # --coarse: the species-level parameters of coarse_cluster_params.
+    assert main(["map", str(store_path), "--clusters", "--coarse", "--json", "-q"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["params"]["n_neighbors"] == 100 and report["clusters"]["params"]["min_cluster_size"] == 114
+    species = next(r for r in report["clusters"]["agreement"] if r["label"] == "species")
+    assert species["nmi"] >= 0.8
+
+    assert main(["map", str(store_path), "--clusters", "--min-samples", "0", "-q"]) == 2
+    assert "min_samples" in capsys.readouterr().err
