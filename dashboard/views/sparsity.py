@@ -87,6 +87,16 @@ def heatmap_figure(matrix: pd.DataFrame, metric: str, *, centred: bool = False) 
     return fig
 
 
+def marked_table(stats_table: pd.DataFrame, **formats: str) -> None:
+    """A per-layer test table with a ★ column for the layers significant after correction; p-values in
+    scientific notation, other columns by ``formats`` (column -> printf format)."""
+    table = stats_table.assign(marked=np.where(stats_table["significant"], "★", ""))
+    formats = {"p_value": "%.2e", "p_adjusted": "%.2e", **formats}
+    config: dict[str, Any] = {"marked": st.column_config.TextColumn("", help="★ significant after correction")}
+    config.update({col: st.column_config.NumberColumn(format=fmt) for col, fmt in formats.items()})
+    st.dataframe(table[["marked", *stats_table.columns]], hide_index=True, column_config=config)
+
+
 def correlation_figure(corr: pd.DataFrame, label: str, metric: str) -> go.Figure:
     """Spearman's rho per layer; significant layers (after correction) as filled markers."""
     sig = corr["significant"].astype(bool)
@@ -119,12 +129,7 @@ def _numeric_section(key: state.StoreKey, store: Any, model: str, metric: str) -
     st.caption(f"{corr.attrs.get('test', 'Spearman rho')}, {corr.attrs.get('correction', 'BH')}. "
                f"{n_sig} of {len(corr)} layers correlate at α = 0.05 (filled markers).")
     st.plotly_chart(correlation_figure(corr, label, metric), key="sparsity-correlations")
-    table = corr.assign(marked=np.where(corr["significant"], "★", ""))
-    st.dataframe(table[["marked", *corr.columns]], hide_index=True,
-                 column_config={"marked": st.column_config.TextColumn("", help="★ significant after correction"),
-                                "rho": st.column_config.NumberColumn(format="%.3f"),
-                                "p_value": st.column_config.NumberColumn(format="%.2e"),
-                                "p_adjusted": st.column_config.NumberColumn(format="%.2e")})
+    marked_table(corr, rho="%.3f")
 
 
 def render() -> None:
@@ -167,13 +172,7 @@ def render() -> None:
     st.subheader("Do the groups differ, layer by layer?")
     st.caption(f"{tests.attrs.get('test', 'Kruskal-Wallis H')}, {tests.attrs.get('correction', 'BH')}; "
                f"effect size ε². {len(significant)} of {len(tests)} layers differ at α = 0.05.")
-    table = tests.assign(marked=np.where(tests["significant"], "★", ""))
-    st.dataframe(table[["marked", *tests.columns]], hide_index=True,
-                 column_config={"marked": st.column_config.TextColumn("", help="★ significant after correction"),
-                                "p_value": st.column_config.NumberColumn(format="%.2e"),
-                                "p_adjusted": st.column_config.NumberColumn(format="%.2e"),
-                                "statistic": st.column_config.NumberColumn(format="%.2f"),
-                                "effect_size": st.column_config.NumberColumn(format="%.3f")})
+    marked_table(tests, statistic="%.2f", effect_size="%.3f")
 
     _numeric_section(key, store, model, metric)
 
