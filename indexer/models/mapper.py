@@ -35,7 +35,6 @@ import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from tqdm.auto import tqdm
 
 from indexer.errors import UsageError
 from indexer.models.checkpoint import CheckpointFormat, read_checkpoint, save_checkpoint
+from indexer.models.scoped import deterministic, eval_mode, num_threads
 
 FORMAT = "mammals-space-mapper"
 FORMAT_VERSION = 1
@@ -267,38 +267,6 @@ class MapperResult:
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-
-
-@contextmanager
-def _deterministic() -> Iterator[None]:
-    """Deterministic kernels while training, restoring the caller's setting afterwards."""
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was)
-
-
-@contextmanager
-def _threads(n: int) -> Iterator[None]:
-    was = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(was)
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was)
 
 
 def _as_matrix(vectors: np.ndarray | torch.Tensor, dim: int | None, what: str) -> torch.Tensor:
@@ -574,7 +542,7 @@ def train_mapper(
 
     t0 = time.perf_counter()
     # fork_rng: seeding for the weights must not reset the caller's global RNG.
-    with torch.random.fork_rng(devices=[]), _deterministic(), _threads(config.num_threads):
+    with torch.random.fork_rng(devices=[]), deterministic(), num_threads(config.num_threads):
         torch.manual_seed(config.seed)
         x_tr, y_tr = x_all[train_idx], y_all[train_idx]
         labelled = y_tr >= 0
@@ -582,7 +550,7 @@ def train_mapper(
         mapper, history = _train_mapper(x_tr, y_tr, classifier, len(breed_names), config, progress)
     train_seconds = time.perf_counter() - t0
 
-    with _threads(config.num_threads):
+    with num_threads(config.num_threads):
         report = _evaluate(mapper, classifier, x_all, y_all, train_idx, val_idx, breed_names, config)
     report["train_seconds"] = train_seconds
     return MapperResult(mapper, classifier, breed_names, split, report, history, config)
@@ -734,7 +702,7 @@ def _evaluate(
     y_np = y.numpy()
     ytr = [breeds[int(c)] for c in y_np[tr]]
     yva = [breeds[int(c)] for c in y_np[va]]
-    with _eval_mode(mapper):
+    with eval_mode(mapper):
         z_id, z_attr, x_hat = mapper(x)
         x_hat = F.normalize(x_hat, dim=1)
         clf_val = classifier(x[va]).argmax(1)
@@ -749,7 +717,7 @@ def _evaluate(
     for a in range(len(va)):
         others = np.flatnonzero(y_va != y_va[a])
         partners.append(va[int(others[rng.integers(len(others))])] if len(others) else va[a])
-    with _eval_mode(mapper):
+    with eval_mode(mapper):
         swapped = mapper.decode(z_id[va], z_attr[partners])
         swap_pred = classifier(F.normalize(swapped, dim=1)).argmax(1)
         sw_id, sw_attr = mapper.encode(F.normalize(swapped, dim=1))
@@ -856,7 +824,7 @@ def _codes(mapper: Mapper, vectors: np.ndarray | torch.Tensor, what: str) -> tup
     x = _normalise(_as_matrix(vectors, mapper.input_dim, what), what)
     dev = _device(mapper)
     ids, attrs = [], []
-    with _eval_mode(mapper):
+    with eval_mode(mapper):
         for s in range(0, len(x), _EVAL_BATCH):
             zi, za = mapper.encode(x[s : s + _EVAL_BATCH].to(dev))
             ids.append(zi.cpu())
@@ -869,7 +837,7 @@ def _codes(mapper: Mapper, vectors: np.ndarray | torch.Tensor, what: str) -> tup
 def _decode(mapper: Mapper, z_id: torch.Tensor, z_attr: torch.Tensor) -> np.ndarray:
     dev = _device(mapper)
     out = []
-    with _eval_mode(mapper):
+    with eval_mode(mapper):
         for s in range(0, len(z_id), _EVAL_BATCH):
             dec = mapper.decode(z_id[s : s + _EVAL_BATCH].to(dev), z_attr[s : s + _EVAL_BATCH].to(dev))
             out.append(F.normalize(dec, dim=1).cpu())

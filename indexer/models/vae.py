@@ -27,8 +27,7 @@ import math
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from indexer.atomic import atomic_write
 from indexer.errors import UsageError
 from indexer.images import ImageError, load_image
 from indexer.models.checkpoint import CheckpointFormat, read_checkpoint, save_checkpoint
+from indexer.models.scoped import eval_mode, num_threads
 
 __all__ = [
     "FORMAT",
@@ -308,18 +308,6 @@ def _recon_per_image(logits: torch.Tensor, x: torch.Tensor, kind: str) -> torch.
     return per_pixel.flatten(1).sum(dim=1)
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no autograd for the block, then the model's previous mode again."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
 # --------------------------------------------------------------------------------------------------- images
 
 
@@ -443,7 +431,7 @@ def _split(n: int, val_fraction: float, generator: torch.Generator) -> tuple[tor
 def _evaluate(model: ConvVAE, images: torch.Tensor, kind: str) -> dict[str, float]:
     """Mean per-pixel squared error (reconstructing from the mean), mean KL per image and the loss, on images."""
     sq = kl = recon = 0.0
-    with _eval_mode(model):
+    with eval_mode(model):
         for start in range(0, len(images), _EVAL_BATCH):
             x = _as_float_images(images[start : start + _EVAL_BATCH])
             mu, logvar = model.encode(x)
@@ -488,12 +476,8 @@ def train_vae(
             # BCE targets must be probabilities; 0..255 floats are the usual mistake.
             raise VAEError("float images must be in [0, 1] (pass uint8 for 0..255)")
 
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(config.num_threads)
-    try:
+    with num_threads(config.num_threads):
         return _train(images, ids, config, progress)
-    finally:
-        torch.set_num_threads(threads_before)  # a process-wide setting: give it back
 
 
 def _train(images: torch.Tensor, ids: list[str], config: VAEConfig, progress: bool) -> VAEResult:
@@ -628,7 +612,7 @@ def load_vae(directory: Path) -> tuple[ConvVAE, dict[str, Any]]:
 def encode_images(model: ConvVAE, images: torch.Tensor) -> np.ndarray:
     """Posterior means ``(N, latent_dim)`` float32 for images ``(N, 3, S, S)`` (the VAE's embedding of a photo)."""
     out = []
-    with _eval_mode(model):
+    with eval_mode(model):
         for start in range(0, len(images), _EVAL_BATCH):
             mu, _ = model.encode(_as_float_images(images[start : start + _EVAL_BATCH], model.image_size))
             out.append(mu)
@@ -645,7 +629,7 @@ def decode_latents(model: ConvVAE, z: torch.Tensor | np.ndarray) -> torch.Tensor
     if zt.dim() != 2 or zt.shape[1] != model.latent_dim:
         raise VAEError(f"latents must be (N, {model.latent_dim}), got {tuple(zt.shape)}")
     out = []
-    with _eval_mode(model):
+    with eval_mode(model):
         for start in range(0, len(zt), _EVAL_BATCH):
             out.append(model.decode(zt[start : start + _EVAL_BATCH]))
     if not out:
