@@ -92,3 +92,22 @@ def store_images(store: Store, ids: Sequence[str]) -> pd.DataFrame:
     """The image rows of some ids, in the given order (for tables and downloads)."""
     images = store.images.set_index("id")
     return images.loc[list(ids)].reset_index()
+
+
+def sparsity_selectors(key: StoreKey, store: Store, prefix: str) -> tuple[str, str, str] | None:
+    """Model, metric and categorical label pickers (widget keys ``<prefix>-model/-metric/-label``); None, with a
+    message saying how to record them, when the store has no sparsity records."""
+    choices = state.sparsity_choices(key)
+    if not choices:
+        st.info(f"This store has no sparsity records. Run `mammals index --store {key.path}` (without "
+                "`--no-sparsity`) to record them.")
+        return None
+    c1, c2, c3 = st.columns(3)
+    models = list(choices)
+    model = c1.selectbox("Model", models, index=models.index("encoder") if "encoder" in models else 0,
+                         key=f"{prefix}-model")
+    metric = c2.selectbox("Metric", choices[model], index=state.default_metric(choices[model]),
+                          key=f"{prefix}-metric")
+    labels = [c for c in state.label_columns(store) if state.is_categorical(store.images[c])]
+    label = c3.selectbox("Group by", labels, key=f"{prefix}-label")
+    return model, metric, label

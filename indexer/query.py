@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -113,9 +114,10 @@ def search_vectors(
     return out
 
 
-def encoder_for_store(store: Store, device: str = "cpu") -> Encoder:
-    """Load the store's own encoder, refusing one whose weights differ from those that built the store."""
-    enc = load_encoder(store.encoder["name"], device=device)
+def encoder_for_store(store: Store, device: str = "cpu", given: Encoder | None = None) -> Encoder:
+    """The store's own encoder: ``given`` (already loaded by the caller) or loaded now; either way refused when its
+    name or weights differ from those that built the store."""
+    enc = given if given is not None else load_encoder(store.encoder["name"], device=device)
     store.check_encoder(enc.describe())
     return enc
 
@@ -132,10 +134,7 @@ def query_images(
     """Project each query photo into ``space`` with the store's own models; return neighbours and breed votes."""
     _check_space(store, space)
     dev = resolve_device(device)
-    if encoder is None:
-        encoder = encoder_for_store(store, str(dev))
-    else:
-        store.check_encoder(encoder.describe())
+    encoder = encoder_for_store(store, str(dev), encoder)
     models = load_trained_models(store, dev) if space != schema.ENCODER_SPACE else None
     results: list[QueryResult] = []
     for path in images:
@@ -162,8 +161,6 @@ MIN_ID_PREFIX = 6
 def _resolve_id(sorted_ids: list[str], prefix: str) -> tuple[str, str]:
     """``(full id, "")`` for a full id or a unique prefix of at least ``MIN_ID_PREFIX`` characters; else
     ``("", why)``."""
-    import bisect
-
     i = bisect.bisect_left(sorted_ids, prefix)
     matches: list[str] = []
     while i < len(sorted_ids) and sorted_ids[i].startswith(prefix) and len(matches) < 2:
@@ -195,15 +192,18 @@ def query_ids(
     row_of = {image_id: i for i, image_id in enumerate(sp.ids)}
     sorted_ids = sorted(row_of)
     results: list[QueryResult] = []
-    for given in ids:
+    found: list[tuple[int, str]] = []  # (position in ids, full id) of the ids that resolved
+    for pos, given in enumerate(ids):
         image_id, problem = _resolve_id(sorted_ids, given.strip().lower())
-        row = row_of.get(image_id)
-        if row is None:
-            results.append(QueryResult(given, error=f"{problem} in space {space!r}", kind="id"))
-            continue
-        nbrs = search_vectors(store, sp.vectors[row][None, :], k=k, space=space,
-                              exclude_ids=[image_id] if exclude_self else None)[0]
-        results.append(QueryResult(given, nbrs, breed_votes(nbrs), kind="id"))
+        results.append(QueryResult(given, error=None if image_id else f"{problem} in space {space!r}", kind="id"))
+        if image_id:
+            found.append((pos, image_id))
+    if found:  # one search for all of them
+        hits = [image_id for _, image_id in found]
+        vectors = sp.vectors[[row_of[image_id] for image_id in hits]]
+        for (pos, _), nbrs in zip(found, search_vectors(store, vectors, k=k, space=space,
+                                                        exclude_ids=hits if exclude_self else None), strict=True):
+            results[pos] = QueryResult(ids[pos], nbrs, breed_votes(nbrs), kind="id")
     return results
 
 
@@ -227,10 +227,7 @@ def query_texts(
     if not has_text_tower(store.encoder["name"]):
         raise StoreError(f"{store.path}: encoder {store.encoder['name']!r} has no text tower; text prompts need a "
                          "store built with an open_clip encoder")
-    if encoder is None:
-        encoder = encoder_for_store(store, str(resolve_device(device)))
-    else:
-        store.check_encoder(encoder.describe())
+    encoder = encoder_for_store(store, device, encoder)  # load_encoder resolves "auto" itself
     if encoder.encode_text is None:  # the name said open_clip, so this is a bug, not a user error
         raise RuntimeError(f"{encoder.name}: open_clip encoder loaded without its text tower")
     texts = [p.strip() for p in prompts]

@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from dashboard import state
+from dashboard import state, widgets
 from dashboard.state import StoreKey
 
 
@@ -110,17 +110,10 @@ def _clusters_section(key: StoreKey) -> None:
 
 def _sparsity_section(key: StoreKey) -> None:
     store = state.store_for(key)
-    choices = state.sparsity_choices(key)
-    if not choices:
-        st.info(f"No sparsity records: run `mammals index --store {key.path}` without `--no-sparsity`.")
+    picked = widgets.sparsity_selectors(key, store, "export")
+    if picked is None:
         return
-    c1, c2, c3 = st.columns(3)
-    models = list(choices)
-    model = c1.selectbox("Model", models, index=models.index("encoder") if "encoder" in models else 0,
-                         key="export-model")
-    metric = c2.selectbox("Metric", choices[model], index=state.default_metric(choices[model]), key="export-metric")
-    labels = [c for c in state.label_columns(store) if state.is_categorical(store.images[c])]
-    label = c3.selectbox("Group by", labels, key="export-label")
+    model, metric, label = picked
     try:
         curves = state.depth_curves(key, model, metric, label)
         tests = state.group_tests(key, model, metric, label)

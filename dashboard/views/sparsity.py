@@ -10,7 +10,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from dashboard import state
+from dashboard import state, widgets
 
 MAX_GROUPS_DEFAULT = 6  # more curves than this turn the bands into a smear; the user can add more
 
@@ -137,18 +137,10 @@ def render() -> None:
     key = state.current_key()
     store = state.store_for(key)
     st.title("Activation sparsity")
-    choices = state.sparsity_choices(key)
-    if not choices:
-        st.info(f"This store has no sparsity records. Run `mammals index --store {key.path}` (without "
-                "`--no-sparsity`) to record them.")
+    picked = widgets.sparsity_selectors(key, store, "sparsity")
+    if picked is None:
         return
-    c1, c2, c3 = st.columns(3)
-    models = list(choices)
-    model = c1.selectbox("Model", models, index=models.index("encoder") if "encoder" in models else 0,
-                         key="sparsity-model")
-    metric = c2.selectbox("Metric", choices[model], index=state.default_metric(choices[model]), key="sparsity-metric")
-    labels = [c for c in state.label_columns(store) if state.is_categorical(store.images[c])]
-    label = c3.selectbox("Group by", labels, key="sparsity-label")
+    model, metric, label = picked
 
     try:
         with st.spinner("Computing curves and tests…"):
