@@ -7,7 +7,13 @@ runner does, because that is how one finds out whether indexing is decode-bound 
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
+import multiprocessing
+import os
+import signal
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +92,44 @@ def collate(items: list[dict[str, Any]]) -> Batch:
     return Batch(results, tensors)
 
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(parent_pid: int | None, worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: the worker is SIGKILLed as soon as the process that started it dies.
+
+    Without it a SIGKILLed indexer leaves its decode workers running (torch's own watchdog only
+    notices between items, and not at all while a worker is blocked). Linux's parent-death
+    signal (``prctl(PR_SET_PDEATHSIG, SIGKILL)``) covers every later death; a parent that died
+    before the call is caught by comparing ``getppid()`` with ``parent_pid`` (an orphan has
+    been re-parented). ``parent_pid`` None skips that check (a forkserver is the parent).
+    A no-op off Linux. Note the signal follows the *thread* that started the worker: start the
+    loader's iteration from a thread that lives as long as the loader.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            log.warning("decode worker %d: prctl(PR_SET_PDEATHSIG) failed: %s", worker_id,
+                        os.strerror(ctypes.get_errno()))  # fmt: skip
+    except (OSError, AttributeError) as e:  # no usable libc (static or exotic builds)
+        log.warning("decode worker %d: cannot set the parent-death signal: %s", worker_id, e)
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGKILL)  # the parent died before prctl: nothing would ever stop us
+
+
+def _worker_init_fn(loader_context: Any) -> Callable[[int], None]:
+    """``die_with_parent`` bound to this process: the parent of the workers the loader is about to start."""
+    if loader_context is not None:
+        method = loader_context.get_start_method()
+    else:  # without fixing the global start method as a side effect; the first listed is the default
+        method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    # fork and spawn start workers as children of this process; forkserver's server is their parent.
+    parent = os.getpid() if method in ("fork", "spawn") else None
+    return functools.partial(die_with_parent, parent)
+
+
 def iter_batches(
     paths: Sequence[str],
     transforms: Mapping[str, Transform],
@@ -104,6 +148,8 @@ def iter_batches(
         # Two batches in flight per worker is enough to hide decode time behind a CPU forward pass.
         prefetch_factor=2 if workers > 0 else None,
         persistent_workers=False,
+        # Workers die with this process, even when it is SIGKILLed (which runs no cleanup).
+        worker_init_fn=_worker_init_fn(None) if workers > 0 else None,
     )
     yield from loader
 

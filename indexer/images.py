@@ -8,11 +8,14 @@ because it runs inside torch DataLoader worker processes.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import json
 import os
 import re
 import stat
+import struct
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from indexer.defaults import IMAGE_EXTENSIONS, MAX_FILE_BYTES, MAX_PIXELS, MIN_SIDE
 
-__all__ = ["ImageError", "content_id", "decode_image", "load_image", "read_bytes"]
+__all__ = ["ImageError", "content_id", "decode_image", "is_utf8_path", "load_image", "printable_path", "read_bytes"]
 
 # Pillow formats we decode: those of the indexed extensions, found by content (a PNG named
 # .jpg is fine; camera JPEGs that Pillow calls MPO come through the JPEG opener).
@@ -33,9 +36,40 @@ _ALLOWED_FORMATS: tuple[str, ...] = tuple(sorted({Image.registered_extensions()[
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 _MAX_DETAIL = 120  # keep decoder messages short enough for a one-line error column
 
+_AnyPath = str | bytes | os.PathLike[str] | os.PathLike[bytes]
+
+
+def is_utf8_path(path: _AnyPath) -> bool:
+    """Whether ``path`` is valid UTF-8 on disk (and so storable as an Arrow/Parquet string).
+
+    Python lists a name with undecodable bytes (``b"bad\\xff.jpg"``) as a ``str`` holding a
+    surrogate escape (``"bad\\udcff.jpg"``), which cannot be encoded as UTF-8.
+    """
+    try:
+        os.fsencode(path).decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):  # a lone surrogate not from a file name fails to encode
+        return False
+    return True
+
+
+def printable_path(path: _AnyPath) -> str:
+    """``path`` as a valid-UTF-8 ``str`` for messages and stores: each undecodable byte becomes ``\\xNN``.
+
+    ``b"/d/bad\\xff.jpg"`` (listed by Python as ``"/d/bad\\udcff.jpg"``) -> ``"/d/bad\\\\xff.jpg"``; a valid
+    path comes back unchanged (as ``str``). Not reversible: for showing and recording a path, never for opening it.
+    """
+    try:
+        raw = os.fsencode(path)
+    except UnicodeEncodeError:  # a lone surrogate that no file name produced ("\\ud800")
+        return str(os.fspath(path)).encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
 
 class ImageError(Exception):
-    """A file that cannot be used as an image; ``str(e) == f"{path}: {reason}"``."""
+    """A file that cannot be used as an image; ``str(e) == f"{path}: {reason}"``.
+
+    ``path`` is kept as given (it may hold surrogate escapes); ``str(e)`` shows it printably.
+    """
 
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(path, reason)
@@ -43,7 +77,7 @@ class ImageError(Exception):
         self.reason = reason
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.reason}"
+        return f"{printable_path(self.path)}: {self.reason}"
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Explicit so the error survives the trip back from a DataLoader worker process.
@@ -58,21 +92,50 @@ def _size_text(n: float) -> str:
     return f"{int(n)} bytes"
 
 
+def _not_regular_reason(mode: int) -> str:
+    for test, what in (
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+    ):
+        if test(mode):
+            return f"not a regular file ({what})"
+    return "not a regular file"
+
+
+def _stat_reason(path: Path, e: OSError) -> str:
+    if isinstance(e, FileNotFoundError):
+        # os.stat follows links; a link that exists itself but whose target does not is "broken".
+        return "broken symlink" if os.path.islink(path) else "file not found"
+    if e.errno == errno.ELOOP:
+        return "symlink loop (too many levels of symbolic links)"
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    return f"unreadable ({e.strerror or e})"
+
+
 def read_bytes(path: Path, *, max_bytes: int = MAX_FILE_BYTES) -> bytes:
-    """Read a whole file, refusing anything that is not a readable, non-empty regular file of at most ``max_bytes``."""
+    """Read a whole file, refusing anything that is not a readable, non-empty regular file of at most ``max_bytes``.
+
+    Never blocks on a FIFO or device, even one swapped in after the first check: the file is
+    opened non-blocking and checked again through its descriptor before anything is read.
+    A path that is not valid UTF-8 is refused too ("file name is not valid UTF-8"): no store
+    can record it.
+    """
     name = str(path)
+    if not is_utf8_path(path):
+        where = "file name" if not is_utf8_path(os.path.basename(path)) else "folder name"
+        raise ImageError(name, f"{where} is not valid UTF-8")
     try:
         st = os.stat(path)
-    except FileNotFoundError:
-        # os.stat follows links; a link that exists itself but whose target does not is "broken".
-        raise ImageError(name, "broken symlink" if os.path.islink(path) else "file not found") from None
     except OSError as e:
-        raise ImageError(name, f"unreadable ({e.strerror or e})") from None
+        raise ImageError(name, _stat_reason(Path(path), e)) from None
     if stat.S_ISDIR(st.st_mode):
         raise ImageError(name, "is a directory")
     if not stat.S_ISREG(st.st_mode):
         # Reading a FIFO or device could block forever or never end.
-        raise ImageError(name, "not a regular file")
+        raise ImageError(name, _not_regular_reason(st.st_mode))
     # Size checks come before reading so a huge file costs nothing.
     if st.st_size == 0:
         raise ImageError(name, "empty file")
@@ -81,13 +144,31 @@ def read_bytes(path: Path, *, max_bytes: int = MAX_FILE_BYTES) -> bytes:
         if size == limit:  # just over the limit: rounding would print "50 MB exceeds the 50 MB limit"
             size = f"{st.st_size} bytes"
         raise ImageError(name, f"file too large: {size} exceeds the {limit} limit")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        with open(path, "rb") as f:
-            data = f.read(max_bytes + 1)  # bounded: the file may have grown since stat
-    except PermissionError:
-        raise ImageError(name, "permission denied") from None
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise ImageError(name, "file not found (removed while being read)") from None
+    except OSError as e:
+        raise ImageError(name, _stat_reason(Path(path), e)) from None
+    try:
+        # The path may have been replaced by a FIFO or device since os.stat: check what was opened.
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ImageError(name, _not_regular_reason(mode))
+        chunks: list[bytes] = []
+        left = max_bytes + 1  # bounded: the file may have grown since stat
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
     except OSError as e:
         raise ImageError(name, f"unreadable ({e.strerror or e})") from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
     if not data:
         raise ImageError(name, "empty file")
     if len(data) > max_bytes:
@@ -100,39 +181,150 @@ def content_id(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_BMP_HEADER_SIZES = {12, 16, 40, 52, 56, 64, 108, 124}
+
+
+def _indexed_format(data: bytes) -> str | None:
+    """The indexed format whose signature ``data`` starts with (even if nothing after it is usable), else None."""
+    if data.startswith(b"\xff\xd8"):
+        return "JPEG"
+    if data.startswith(_PNG_SIGNATURE) or (len(data) >= 4 and _PNG_SIGNATURE.startswith(data)):
+        return "PNG"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data.startswith(b"BM") and len(data) >= 18 and struct.unpack_from("<I", data, 14)[0] in _BMP_HEADER_SIZES:
+        return "BMP"
+    if data.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")):
+        return "TIFF"
+    return None
+
+
+def _broken_header_reason(fmt: str, data: bytes) -> str:
+    """The reason for a file that starts like ``fmt`` but that Pillow's ``fmt`` opener refused."""
+    if fmt == "PNG" and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = struct.unpack_from(">II", data, 16)
+        if width == 0 or height == 0:
+            return f"truncated or corrupt image data (PNG header declares {width}x{height} px)"
+    detail = ""
+    factory = Image.OPEN.get(fmt, (None, None))[0]
+    if factory is not None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                factory(io.BytesIO(data), "").close()
+        except (EOFError, struct.error):
+            detail = "cut short"
+        except Exception as e:  # only used to word the message
+            detail = _detail(e)
+    if len(data) < 64 or "buffer" in detail or "cut short" in detail or "not a" in detail or not detail:
+        return f"truncated or corrupt image data ({fmt} file cut short after {len(data)} bytes)"
+    return f"truncated or corrupt image data ({fmt} header: {detail})"
+
+
+# Signatures of files that turn up under image names, checked before asking Pillow: (prefix, offset, reason).
+_SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
+    (b"%PDF", 0, "unsupported format PDF"),
+    (b"PK\x03\x04", 0, "not an image (ZIP archive)"),
+    (b"PK\x05\x06", 0, "not an image (ZIP archive)"),
+    (b"\x1f\x8b", 0, "not an image (gzip-compressed data)"),
+    (b"BZh", 0, "not an image (bzip2-compressed data)"),
+    (b"\xfd7zXZ\x00", 0, "not an image (xz-compressed data)"),
+    (b"\x28\xb5\x2f\xfd", 0, "not an image (zstd-compressed data)"),
+    (b"7z\xbc\xaf\x27\x1c", 0, "not an image (7-Zip archive)"),
+    (b"Rar!\x1a\x07", 0, "not an image (RAR archive)"),
+    (b"MZ", 0, "not an image (Windows executable)"),
+    (b"\x7fELF", 0, "not an image (ELF executable)"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", 0, "unsupported format JPEG 2000"),
+    (b"\xff\x4f\xff\x51", 0, "unsupported format JPEG 2000"),
+    (b"\xff\x0a", 0, "unsupported format JPEG XL"),
+    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", 0, "unsupported format JPEG XL"),
+    (b"8BPS", 0, "unsupported format PSD"),
+    (b"WAVE", 8, "not an image (WAV audio)"),
+    (b"AVI ", 8, "not an image (AVI video)"),
+    (b"ID3", 0, "not an image (MP3 audio)"),
+    (b"OggS", 0, "not an image (Ogg media)"),
+    (b"\x1a\x45\xdf\xa3", 0, "not an image (Matroska/WebM video)"),
+    (b"SQLite format 3\x00", 0, "not an image (SQLite database)"),
+)
+_HEIC_BRANDS = {"heic", "heix", "hevc", "hevx", "heim", "heis", "mif1", "msf1"}
+_AVIF_BRANDS = {"avif", "avis"}
+_VIDEO_BRANDS = {"isom", "iso2", "iso4", "iso5", "iso6", "mp41", "mp42", "avc1", "dash", "m4v", "m4a", "f4v", "mmp4",
+                 "qt", "3gp4", "3gp5", "3gp6", "3g2a", "mjp2", "msnv"}  # fmt: skip
+
+
+def _iso_media_reason(data: bytes) -> str:
+    brand = data[8:12].decode("ascii", "replace").strip()
+    if brand in _HEIC_BRANDS:
+        return "unsupported format HEIC"
+    if brand in _AVIF_BRANDS:
+        return "unsupported format AVIF"
+    if brand == "qt":
+        return "not an image (QuickTime video)"
+    if brand in _VIDEO_BRANDS:
+        return "not an image (MP4 video)" if brand != "m4a" else "not an image (MP4 audio)"
+    return f"not an image (ISO media file, brand {brand!r})"
+
+
+def _text_reason(data: bytes) -> str | None:
+    """Name the kind of text a file holds, or None when it is not text."""
+    head = data[:4096]
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with a byte-order mark (Windows Notepad)
+        text = head[: len(head) // 2 * 2].decode("utf-16", "replace")
+    else:
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError as e:
+            # A multi-byte character cut by the 4096-byte window is still text.
+            text = head[: e.start].decode("utf-8") if e.start >= len(head) - 3 and e.start > 0 else ""
+    text = text.lstrip("\ufeff")
+    if not text or sum(c.isprintable() or c.isspace() for c in text) < 0.95 * len(text):
+        return None
+    lower = text.lstrip().lower()
+    if lower.startswith("version https://git-lfs.github.com/spec/"):
+        return "not an image (Git LFS pointer: the photo itself was never downloaded)"
+    if lower.startswith("data:image/") and ";base64," in lower[:64]:
+        return "not an image (base64 data URI text: the image is encoded inside it)"
+    if lower.startswith(("{", "[")):
+        try:
+            json.loads(data.decode("utf-8"))
+            return "not an image (JSON text file)"
+        except (ValueError, UnicodeDecodeError):
+            pass
+    if lower.startswith("<?xml") or (lower.startswith("<") and "</" in lower):
+        return "not an image (XML text file)"
+    return "not an image (text file)"
+
+
 def _not_an_image_reason(data: bytes) -> str:
     """Name what a file Pillow could not open actually is, so the error says more than "unrecognised"."""
+    fmt = _indexed_format(data)
+    if fmt:
+        return _broken_header_reason(fmt, data)
+    if not data.strip(b"\x00"):
+        return "not an image (all zero bytes: the data was never written)"
     head = data[:2048].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in head):
         return "unsupported format SVG"
     if head.startswith((b"<!doctype html", b"<html")) or b"<html" in head[:512]:
         return "not an image (HTML page)"
-    if data.startswith(b"%PDF"):
-        return "unsupported format PDF"
-    if data.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        return "not an image (ZIP archive)"
     if data[4:8] == b"ftyp":
-        brand = data[8:12].decode("ascii", "replace").strip()
-        if brand in {"heic", "heix", "hevc", "hevx", "mif1", "msf1"}:
-            return "unsupported format HEIC"
-        if brand in {"avif", "avis"}:
-            return "unsupported format AVIF"
-    # Any format Pillow knows but we do not index (EPS, PSD, ICO, ...): name it.
+        return _iso_media_reason(data)
+    for prefix, offset, reason in _SIGNATURES:
+        if data[offset : offset + len(prefix)] == prefix:
+            return reason
+    # Any format Pillow knows but we do not index (EPS, ICO, ...): name it.
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as other:
                 if other.format:
                     return f"unsupported format {other.format}"
     except Exception:  # only used to word the message
         pass
-    try:
-        text = data[:4096].decode("utf-8")
-    except UnicodeDecodeError:
-        text = ""
-    if text and sum(c.isprintable() or c.isspace() for c in text) >= 0.95 * len(text):
-        return "not an image (text file)"
-    return "not an image (unrecognised format)"
+    return _text_reason(data) or "not an image (unrecognised format)"
 
 
 def _bomb_reason(data: bytes, message: str, max_pixels: int) -> str:
@@ -219,12 +411,18 @@ def decode_image(
     """
     if not data:
         raise ImageError(path, "empty file")
+    # Pillow warns from ~89 Mpx (our own limit below is the one that decides) and about damaged
+    # EXIF and the like (the file is judged by whether it decodes): noise for an indexing run.
+    # catch_warnings restores the filters on exit.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        return _decode(data, path, max_pixels=max_pixels, min_side=min_side)
+
+
+def _decode(data: bytes, path: str, *, max_pixels: int, min_side: int) -> Image.Image:
     try:
-        # Pillow warns from ~89 Mpx; our own limit below is the one that decides, so the
-        # warning is only noise. catch_warnings restores the filters on exit.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=_ALLOWED_FORMATS)
+        img = Image.open(io.BytesIO(data), formats=_ALLOWED_FORMATS)
     except UnidentifiedImageError:
         raise ImageError(path, _not_an_image_reason(data)) from None
     except Image.DecompressionBombError as e:

@@ -24,6 +24,12 @@ Layouts (``detect_layout`` picks one; ``scan(layout=...)`` forces one):
 Every image file under a folder root is a row (stray files a layout says nothing about get
 ``None`` labels), except in ``oxford-pet`` as said above. The ``species`` argument never
 overrides a species the layout states; it only fills rows whose species is unknown.
+
+File and folder names that are not valid UTF-8 (``b"bad\\xff.jpg"``) are listed like any other:
+``CatalogRow.path`` and ``relpath`` keep Python's surrogate-escaped spelling so the file can still
+be opened and reported (``is_utf8_path(row.path)`` is False; ``printable_path(...)`` is the
+storable spelling); the text labels taken from names (``breed``, ``dataset``) are always valid
+UTF-8, with undecodable bytes written as ``\\xNN``.
 """
 
 from __future__ import annotations
@@ -39,14 +45,17 @@ from typing import Any
 import pandas as pd
 
 from indexer.defaults import IMAGE_EXTENSIONS
+from indexer.images import is_utf8_path, printable_path
 
 __all__ = [
     "LAYOUTS",
     "CatalogRow",
     "SourceError",
     "detect_layout",
+    "is_utf8_path",
     "join_labels",
     "normalise_breed",
+    "printable_path",
     "scan",
 ]
 
@@ -89,8 +98,11 @@ class CatalogRow:
 
 
 def normalise_breed(name: str) -> str:
-    """``"German Shorthaired"`` / ``"german-shorthaired"`` -> ``"german_shorthaired"``."""
-    text = re.sub(r"[\s\-]+", "_", name.strip().lower())
+    """``"German Shorthaired"`` / ``"german-shorthaired"`` -> ``"german_shorthaired"``.
+
+    Always valid UTF-8: undecodable bytes of a folder name become ``\\xNN`` (``printable_path``).
+    """
+    text = re.sub(r"[\s\-]+", "_", printable_path(name).strip().lower())
     return re.sub(r"_+", "_", text).strip("_")
 
 
@@ -126,7 +138,7 @@ def _walk_images(root: Path) -> list[tuple[str, ...]]:
     """
 
     def fail(e: OSError) -> None:
-        raise SourceError(f"{e.filename}: cannot list folder ({e.strerror or e})")
+        raise SourceError(f"{printable_path(e.filename or root)}: cannot list folder ({e.strerror or e})")
 
     found: list[tuple[str, ...]] = []
     # followlinks=False: a symlinked folder could loop back on itself. Symlinked files are
@@ -142,15 +154,15 @@ def _walk_images(root: Path) -> list[tuple[str, ...]]:
 
 
 def _no_images(root: Path) -> SourceError:
-    return SourceError(f"{root}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return SourceError(f"{printable_path(root)}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)})")
 
 
 def _check_root(root: Path) -> Path:
     root = Path(root).expanduser()
     if not root.exists():
-        raise SourceError(f"{root}: no such directory")
+        raise SourceError(f"{printable_path(root)}: no such directory")
     if not root.is_dir():
-        raise SourceError(f"{root}: not a directory or a .csv file")
+        raise SourceError(f"{printable_path(root)}: not a directory or a .csv file")
     return root.resolve()
 
 
@@ -238,7 +250,7 @@ def detect_layout(root: Path) -> str:
     root = Path(root)
     if _is_csv(root):
         if not root.is_file():
-            raise SourceError(f"{root}: no such file")
+            raise SourceError(f"{printable_path(root)}: no such file")
         return "csv"
     root = _check_root(root)
     paths = _walk_images(root)
@@ -248,19 +260,20 @@ def detect_layout(root: Path) -> str:
 
 
 def _folder_rows(root: Path, paths: list[tuple[str, ...]], layout: str, species: str | None) -> list[CatalogRow]:
+    where = printable_path(root)
     if layout == "oxford-pet":
         folder = _oxford_folder(paths)
         if folder is None or not any(p[:-1] == folder and _OXFORD_FILE.match(p[-1]) for p in paths):
-            raise SourceError(f"{root}: layout 'oxford-pet' does not fit: no files named like Abyssinian_12.jpg")
+            raise SourceError(f"{where}: layout 'oxford-pet' does not fit: no files named like Abyssinian_12.jpg")
         paths = [p for p in paths if p[:-1] == folder]
     elif layout == "species-breed" and not any(_in_species_folder(p) for p in paths):
-        raise SourceError(f"{root}: layout 'species-breed' does not fit: no cat/ or dog/ folders")
+        raise SourceError(f"{where}: layout 'species-breed' does not fit: no cat/ or dog/ folders")
     elif layout == "stanford-dogs" and not any(_synset_breed(p) for p in paths):
         raise SourceError(
-            f"{root}: layout 'stanford-dogs' does not fit: no folders named like n02085620-Chihuahua at depth 1 or 2"
+            f"{where}: layout 'stanford-dogs' does not fit: no folders named like n02085620-Chihuahua at depth 1 or 2"
         )
     elif layout == "breed-folders" and not any(len(p) >= 2 for p in paths):
-        raise SourceError(f"{root}: layout 'breed-folders' does not fit: no images inside sub-folders")
+        raise SourceError(f"{where}: layout 'breed-folders' does not fit: no images inside sub-folders")
 
     rows = []
     for parts in paths:
@@ -290,7 +303,7 @@ def _folder_rows(root: Path, paths: list[tuple[str, ...]], layout: str, species:
                 relpath="/".join(parts),
                 species=sp or species,
                 breed=breed,
-                dataset=root.name,
+                dataset=printable_path(root.name),
                 layout=layout,
             )
         )
@@ -319,21 +332,21 @@ def _read_csv(csv_path: Path) -> pd.DataFrame:
     try:
         df = pd.read_csv(csv_path, dtype_backend="numpy_nullable", dtype={"path": str, "species": str, "breed": str})
     except FileNotFoundError:
-        raise SourceError(f"{csv_path}: no such file") from None
+        raise SourceError(f"{printable_path(csv_path)}: no such file") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as e:
-        raise SourceError(f"{csv_path}: cannot read CSV ({str(e).strip().splitlines()[0]})") from None
+        raise SourceError(f"{printable_path(csv_path)}: cannot read CSV ({str(e).strip().splitlines()[0]})") from None
     if "path" not in df.columns:
-        raise SourceError(f"{csv_path}: no 'path' column (columns: {', '.join(map(str, df.columns))})")
+        raise SourceError(f"{printable_path(csv_path)}: no 'path' column (columns: {', '.join(map(str, df.columns))})")
     if df.empty:
-        raise SourceError(f"{csv_path}: no rows")
+        raise SourceError(f"{printable_path(csv_path)}: no rows")
     paths = df["path"].astype("string").str.strip()
     empty = paths.isna() | (paths == "")
     if empty.any():
         line = int(empty.to_numpy().nonzero()[0][0]) + 2  # +1 for the header, +1 for 1-based lines
-        raise SourceError(f"{csv_path}: line {line}: empty path")
+        raise SourceError(f"{printable_path(csv_path)}: line {line}: empty path")
     dup = paths[paths.duplicated()]
     if not dup.empty:
-        raise SourceError(f"{csv_path}: path {dup.iloc[0]!r} is listed more than once")
+        raise SourceError(f"{printable_path(csv_path)}: path {dup.iloc[0]!r} is listed more than once")
     df["path"] = paths
     return df
 
@@ -346,7 +359,7 @@ def _csv_file_path(csv_dir: Path, value: str) -> Path:
 def _csv_rows(csv_path: Path, species: str | None) -> list[CatalogRow]:
     csv_path = Path(csv_path).expanduser()
     if not csv_path.is_file():
-        raise SourceError(f"{csv_path}: no such file")
+        raise SourceError(f"{printable_path(csv_path)}: no such file")
     csv_path = csv_path.resolve()
     df = _read_csv(csv_path)
     csv_dir = csv_path.parent
@@ -363,9 +376,9 @@ def _csv_rows(csv_path: Path, species: str | None) -> list[CatalogRow]:
                 path=path,
                 relpath=relpath,
                 # Listed-but-missing files stay: the extractor records them as "file not found".
-                species=_species(rec.get("species"), f"{csv_path}: line {i + 2}") or species,
+                species=_species(rec.get("species"), f"{printable_path(csv_path)}: line {i + 2}") or species,
                 breed=_breed(rec.get("breed")),
-                dataset=csv_path.stem,
+                dataset=printable_path(csv_path.stem),
                 layout="csv",
                 labels={str(c): _py(rec[c]) for c in extra},
             )
@@ -386,15 +399,15 @@ def scan(root: Path, *, layout: str = "auto", species: str | None = None) -> lis
     overrides a stated one.
     """
     if layout != "auto" and layout not in LAYOUTS:
-        raise SourceError(f"{root}: unknown layout {layout!r} (choose from auto, {', '.join(LAYOUTS)})")
-    fill = _species(species, f"{root}: species argument")
+        raise SourceError(f"{printable_path(root)}: unknown layout {layout!r} (choose from auto, {', '.join(LAYOUTS)})")
+    fill = _species(species, f"{printable_path(root)}: species argument")
     root = Path(root)
     if _is_csv(root) and layout in ("auto", "csv"):
         return _csv_rows(root, fill)
     if layout == "csv":
-        raise SourceError(f"{root}: layout 'csv' needs a .csv file, not a folder")
+        raise SourceError(f"{printable_path(root)}: layout 'csv' needs a .csv file, not a folder")
     if _is_csv(root):
-        raise SourceError(f"{root}: layout {layout!r} needs a folder, not a .csv file")
+        raise SourceError(f"{printable_path(root)}: layout {layout!r} needs a folder, not a .csv file")
     resolved = _check_root(root)
     paths = _walk_images(resolved)
     if not paths:
@@ -414,7 +427,7 @@ def join_labels(rows: list[CatalogRow], csv_path: Path) -> tuple[list[CatalogRow
     """
     csv_path = Path(csv_path).expanduser()
     if not csv_path.is_file():
-        raise SourceError(f"{csv_path}: no such file")
+        raise SourceError(f"{printable_path(csv_path)}: no such file")
     csv_path = csv_path.resolve()
     df = _read_csv(csv_path)
     extra = [c for c in df.columns if c not in ("path", "species", "breed")]
@@ -449,7 +462,7 @@ def join_labels(rows: list[CatalogRow], csv_path: Path) -> tuple[list[CatalogRow
         out.append(
             replace(
                 row,
-                species=row.species or _species(rec.get("species"), f"{csv_path}: line {i + 2}"),
+                species=row.species or _species(rec.get("species"), f"{printable_path(csv_path)}: line {i + 2}"),
                 breed=row.breed or _breed(rec.get("breed")),
                 labels={**row.labels, **{str(c): _py(rec[c]) for c in extra}},
             )

@@ -6,16 +6,36 @@ import hashlib
 import io
 import os
 import pickle
+import signal
+import stat
+import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageFile
 
+from indexer import images
 from indexer.defaults import MAX_PIXELS, MIN_SIDE
-from indexer.images import ImageError, content_id, decode_image, load_image, read_bytes
+from indexer.images import (
+    ImageError,
+    content_id,
+    decode_image,
+    is_utf8_path,
+    load_image,
+    printable_path,
+    read_bytes,
+)
 from tests.conftest import PETS, sample_photos
-from tests.helpers_badfiles import make_bad_corpus, png_header_only, real_photo_bytes
+from tests.helpers_badfiles import (
+    NON_UTF8_KEYWORD,
+    add_duplicates,
+    make_bad_corpus,
+    png_header_only,
+    real_photo_bytes,
+)
 
 # ------------------------------------------------------------------------------------------------- bad files
 
@@ -26,10 +46,48 @@ def bad_corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
     return folder, make_bad_corpus(folder)
 
 
-def test_corpus_covers_at_least_twelve_kinds(bad_corpus: tuple[Path, dict[str, str]]) -> None:
+@contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Fail instead of hanging: a blocked open() or read() (a FIFO, a device) is interrupted by SIGALRM."""
+
+    def expired(signum: int, frame: object) -> None:
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_corpus_covers_at_least_forty_kinds(bad_corpus: tuple[Path, dict[str, str]]) -> None:
     folder, expected = bad_corpus
-    assert len(set(expected.values())) >= 12  # distinct failures (truncation shows up twice: JPEG and PNG)
+    assert len(expected) >= 45  # distinct ways to fail (loop_a/loop_b are one kind, so >= 44 kinds)
+    assert len(set(expected.values())) >= 25  # and many distinct reasons among them
     assert {p.name for p in folder.iterdir()} == set(expected)
+    assert all(is_utf8_path(name) for name in expected)  # the one non-UTF-8 name is opt-in
+
+
+def test_every_bad_file_gives_its_reason_in_bounded_time(bad_corpus: tuple[Path, dict[str, str]]) -> None:
+    folder, expected = bad_corpus
+    wrong = {}
+    for name, keyword in expected.items():
+        path = folder / name
+        start = time.monotonic()
+        with deadline(10):
+            try:
+                load_image(path)
+                got = "no error"
+            except ImageError as e:
+                got = e.reason
+                assert e.path == str(path)
+                assert str(e) == f"{path}: {e.reason}"
+        assert time.monotonic() - start < 5, name  # no file may stall a run (FIFO, device, bomb)
+        if keyword.lower() not in got.lower() or "\n" in got or len(got) >= 200:
+            wrong[name] = (keyword, got)
+    assert not wrong, wrong
 
 
 @pytest.mark.parametrize(
@@ -37,12 +95,13 @@ def test_corpus_covers_at_least_twelve_kinds(bad_corpus: tuple[Path, dict[str, s
     [
         "empty.jpg", "truncated.jpg", "random_bytes.jpg", "notes.jpg", "page.png", "bomb.png", "logo.png",
         "scan.jpg", "archive.png", "truncated.png", "tiny.png", "broken_link.jpg", "folder.jpg", "huge.jpg",
+        "pipe.jpg", "devnull.jpg", "loop_a.jpg", "jpeg_sof_bomb.jpg", "png_bad_crc.png", "zeros.jpg",
     ],
 )  # fmt: skip
 def test_each_bad_file_gives_its_reason(bad_corpus: tuple[Path, dict[str, str]], name: str) -> None:
     folder, expected = bad_corpus
     path = folder / name
-    with pytest.raises(ImageError) as info:
+    with deadline(10), pytest.raises(ImageError) as info:
         load_image(path)
     err = info.value
     assert expected[name].lower() in err.reason.lower(), err.reason
@@ -66,6 +125,17 @@ def test_reasons_are_the_documented_phrases(bad_corpus: tuple[Path, dict[str, st
     assert reason("logo.png") == "unsupported format SVG"
     assert reason("huge.jpg") == "file too large: 52428801 bytes exceeds the 50 MB limit"
     assert reason("truncated.jpg").startswith("truncated or corrupt image data (")
+    assert reason("pipe.jpg") == "not a regular file (FIFO)"
+    assert reason("devnull.jpg") == "not a regular file (character device)"
+    assert reason("loop_a.jpg").startswith("symlink loop")
+    assert reason("jpeg_sof_bomb.jpg") == f"image too large: 65000x65000 px exceeds the {MAX_PIXELS} px limit"
+    assert reason("jpeg_soi_only.jpg") == "truncated or corrupt image data (JPEG file cut short after 2 bytes)"
+    assert reason("png_zero_width.png") == "truncated or corrupt image data (PNG header declares 0x480 px)"
+    assert reason("thin_strip.png") == "image too small: 10000x1 px"
+    assert reason("iphone.jpg") == "unsupported format HEIC"
+    assert reason("video.jpg") == "not an image (MP4 video)"
+    assert reason("utf16_notes.jpg") == "not an image (text file)"
+    assert reason("api_error.jpg") == "not an image (JSON text file)"
 
 
 def test_huge_file_is_refused_before_reading(bad_corpus: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
@@ -133,6 +203,88 @@ def test_image_error_pickles() -> None:
     back = pickle.loads(pickle.dumps(err))
     assert isinstance(back, ImageError)
     assert (back.path, back.reason, str(back)) == ("/a/b.jpg", "empty file", "/a/b.jpg: empty file")
+
+
+def test_non_utf8_file_name_is_an_error_with_a_printable_path(tmp_path: Path) -> None:
+    corpus = make_bad_corpus(tmp_path / "bad", non_utf8_name=True)
+    name = "bad\udcff.jpg"  # b"bad\xff.jpg" as Python lists it
+    assert corpus[name] == NON_UTF8_KEYWORD and name in os.listdir(tmp_path / "bad")
+    path = tmp_path / "bad" / name
+    assert path.is_file() and not is_utf8_path(path)  # a real photo: only its name is wrong
+    with pytest.raises(ImageError) as info:
+        load_image(path)
+    assert info.value.reason == "file name is not valid UTF-8"
+    assert info.value.path == str(path)  # as given, so the caller can match it
+    shown = str(info.value)
+    shown.encode("utf-8")  # printable: no surrogate left
+    assert shown == f"{tmp_path}/bad/bad\\xff.jpg: file name is not valid UTF-8"
+    # A bad byte in a folder name is named as such.
+    folder = os.path.join(os.fsencode(tmp_path), b"caf\xe9")
+    os.mkdir(folder)
+    inside = Path(os.fsdecode(folder)) / "ok.jpg"
+    inside.write_bytes(real_photo_bytes())
+    with pytest.raises(ImageError, match="folder name is not valid UTF-8"):
+        read_bytes(inside)
+
+
+def test_printable_path_and_is_utf8_path() -> None:
+    assert printable_path("/a/caf\u00e9.jpg") == "/a/caf\u00e9.jpg" and is_utf8_path("/a/caf\u00e9.jpg")
+    assert printable_path(b"/a/bad\xff.jpg") == "/a/bad\\xff.jpg" and not is_utf8_path(b"/a/bad\xff.jpg")
+    assert printable_path(Path(os.fsdecode(b"/a/bad\xff.jpg"))) == "/a/bad\\xff.jpg"
+    assert not is_utf8_path(Path("bad\udcff.jpg"))
+    assert printable_path("lone\ud800") == "lone\\ud800" and not is_utf8_path("lone\ud800")
+    for p in ("x", b"\xff\xfe", "\udcff\udc80", "\ud800"):
+        printable_path(p).encode("utf-8")
+
+
+def test_file_that_vanishes_after_scanning(tmp_path: Path) -> None:
+    from indexer.sources import scan
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(real_photo_bytes())
+    (src / "gone.jpg").write_bytes(real_photo_bytes())
+    rows = scan(src, layout="flat")
+    (src / "gone.jpg").unlink()
+    with pytest.raises(ImageError) as info:
+        load_image(rows[1].path)
+    assert info.value.reason == "file not found"
+    assert load_image(rows[0].path)[1].mode == "RGB"
+
+
+def test_swapped_between_stat_and_open_never_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A file replaced after it was checked: by a FIFO (opening it plainly would block forever) or by nothing.
+    real_stat = os.stat
+    path = tmp_path / "swap.jpg"
+
+    def stat_then(change: str) -> object:
+        def fake(p: object, *a: object, **kw: object) -> os.stat_result:
+            st = real_stat(p, *a, **kw)  # type: ignore[arg-type]
+            if Path(str(p)) == path and stat.S_ISREG(st.st_mode):
+                path.unlink()
+                if change == "fifo":
+                    os.mkfifo(path)
+            return st
+
+        return fake
+
+    for change, reason in (
+        ("fifo", "not a regular file (FIFO)"),
+        ("gone", "file not found (removed while being read)"),
+    ):
+        path.write_bytes(real_photo_bytes())
+        monkeypatch.setattr(images.os, "stat", stat_then(change))
+        with deadline(10), pytest.raises(ImageError) as info:
+            read_bytes(path)
+        monkeypatch.undo()
+        assert info.value.reason == reason
+        path.unlink(missing_ok=True)
+
+
+def test_duplicates_are_not_errors(tmp_path: Path) -> None:
+    a, b = add_duplicates(tmp_path)
+    assert a != b and sorted(os.listdir(tmp_path)) == sorted([a, b])
+    assert load_image(tmp_path / a)[0] == load_image(tmp_path / b)[0]
 
 
 # ------------------------------------------------------------------------------------------------- good files

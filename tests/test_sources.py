@@ -10,9 +10,19 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from indexer.sources import LAYOUTS, CatalogRow, SourceError, detect_layout, join_labels, normalise_breed, scan
+from indexer.sources import (
+    LAYOUTS,
+    CatalogRow,
+    SourceError,
+    detect_layout,
+    is_utf8_path,
+    join_labels,
+    normalise_breed,
+    printable_path,
+    scan,
+)
 from tests.conftest import CATS, PETS, WOOF
-from tests.helpers_badfiles import make_bad_corpus
+from tests.helpers_badfiles import add_duplicates, make_bad_corpus
 
 pytestmark = pytest.mark.skipif(not PETS.is_dir(), reason=f"{PETS} is missing")
 
@@ -191,9 +201,55 @@ def test_scanning_rules(tmp_path: Path) -> None:
 
 
 def test_bad_corpus_files_are_all_candidates(tmp_path: Path) -> None:
-    # The indexer must report every bad file, so the scanner must list every one (directory and broken link too).
-    expected = make_bad_corpus(tmp_path / "bad")
-    assert {r.relpath for r in scan(tmp_path / "bad", layout="flat")} == set(expected)
+    # The indexer must report every bad file, so the scanner must list every one (directory, broken link, symlink
+    # loop, FIFO, socket, device and a name that is not valid UTF-8 too), and list them without opening any.
+    expected = make_bad_corpus(tmp_path / "bad", non_utf8_name=True)
+    dups = add_duplicates(tmp_path / "bad")
+    rows = scan(tmp_path / "bad")
+    assert {r.relpath for r in rows} == set(expected) | set(dups)
+    assert [r.relpath for r in rows] == sorted(r.relpath for r in rows)
+    assert [r.relpath for r in rows if not is_utf8_path(r.path)] == ["bad\udcff.jpg"]
+
+
+def _bytes_tree(root: Path, relpaths: list[bytes]) -> None:
+    """Files under ``root`` whose names are raw bytes (not necessarily UTF-8), each holding a real photo."""
+    for i, rel in enumerate(relpaths):
+        full = os.path.join(os.fsencode(root), rel)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        with open(full, "wb") as f:
+            f.write(_PHOTOS[i].read_bytes())
+
+
+def test_names_that_are_not_utf8_are_listed_and_labels_stay_utf8(tmp_path: Path) -> None:
+    root = tmp_path / "mixed"
+    _bytes_tree(root, [b"cat/persian/ok.jpg", b"cat/bad\xffbreed/1.jpg", b"dog/pug/caf\xe9.jpg", b"dog/pug/2.jpg"])
+    assert detect_layout(root) == "species-breed"
+    rows = scan(root)
+    assert labels(rows) == {
+        "cat/bad\udcffbreed/1.jpg": ("cat", "bad\\xffbreed"),  # the label is valid UTF-8, the bad byte spelled out
+        "cat/persian/ok.jpg": ("cat", "persian"),
+        "dog/pug/2.jpg": ("dog", "pug"),
+        "dog/pug/caf\udce9.jpg": ("dog", "pug"),
+    }
+    bad = [r for r in rows if not is_utf8_path(r.path)]
+    assert [r.relpath for r in bad] == ["cat/bad\udcffbreed/1.jpg", "dog/pug/caf\udce9.jpg"]
+    assert all(r.path.is_file() for r in rows)  # the path still opens the file
+    assert [printable_path(r.relpath) for r in bad] == ["cat/bad\\xffbreed/1.jpg", "dog/pug/caf\\xe9.jpg"]
+    for r in rows:
+        for text in (r.breed or "", r.dataset, printable_path(r.path), printable_path(r.relpath)):
+            text.encode("utf-8")
+    for layout in ("flat", "breed-folders", "species-breed"):
+        assert len(scan(root, layout=layout)) == 4
+    # A dataset folder whose own name is not valid UTF-8: the dataset label is printable.
+    odd = Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"s\xe9t")))
+    _bytes_tree(odd, [b"a.jpg", b"b.jpg"])
+    rows = scan(odd, species="dog")
+    assert {r.dataset for r in rows} == {"s\\xe9t"} and not any(is_utf8_path(r.path) for r in rows)
+    assert is_utf8_path(rows[0].relpath)
+    with pytest.raises(SourceError) as info:
+        scan(odd, layout="oxford-pet")
+    assert "s\\xe9t: layout 'oxford-pet' does not fit" in str(info.value)
+    str(info.value).encode("utf-8")  # messages are printable too
 
 
 # ------------------------------------------------------------------------------------------------- csv
