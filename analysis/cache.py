@@ -6,7 +6,6 @@ exact parameters, the fingerprint of its input, when it was made, how long it to
     STORE/analysis/<kind>/<key>.parquet     the result table
     STORE/analysis/<kind>/<key>.json        {"kind", "key", "params", "fingerprint", "created_at", "seconds",
                                               "rows", "columns", "details", "versions"}
-    STORE/analysis/fingerprints.json        sha256 of each space file, per file identity (see input_fingerprint)
 
 ``key = sha256(kind, canonical JSON of params, fingerprint)[:16]``, so the same request finds the same file and
 never recomputes, while a changed input (a new fingerprint) or a changed parameter is a different key and is
@@ -30,13 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from indexer.atomic import atomic_write, atomic_write_json
 from indexer.store import Store
+from indexer.store.lock import StoreLockedError, WriterLock
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +48,6 @@ CACHE_FORMAT = 1
 # Least recently used first; bounded so a long-running dashboard does not keep every table it ever showed.
 _MEMO: OrderedDict[str, tuple[tuple[int, ...], pd.DataFrame, dict[str, Any]]] = OrderedDict()
 MEMO_MAX_ENTRIES = 64
-# (space file, size, mtime_ns, ctime_ns, inode) -> sha256 of the file: hash 0.5 GB at most once per version.
-_FINGERPRINTS: dict[tuple[Any, ...], str] = {}
 _LOCK = threading.Lock()  # the dashboard serves several sessions from threads of one process
 
 
@@ -103,74 +100,17 @@ def _stat_key(path: Path) -> tuple[int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ino
 
 
-FINGERPRINTS_FILE = "fingerprints.json"
-
-
-def _file_identity(path: Path) -> list[int]:
-    """What identifies one version of a file without reading it: size, mtime, ctime and inode.
-
-    Every commit replaces a space's file by rename (a new inode and new times); ctime cannot be set back by a
-    writer, so an in-place edit that restores size and mtime still shows.
-    """
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-
-
-def file_sha256(path: Path) -> str:
-    """``file:<sha256 of the file's bytes>``: the fingerprint of a committed space."""
-    with open(path, "rb") as f:
-        return "file:" + hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def input_fingerprint(store: Store, space: str) -> str:
-    """A sha256 that changes whenever the rows or vectors of ``space`` change.
+    """A fingerprint that changes whenever the rows or vectors of ``space`` change.
 
-    A committed space is fingerprinted by the bytes of ``spaces/<space>.parquet`` (it holds the ids, in order,
-    and every vector): hashing a file is faster than decoding it, and a cache *hit* then never loads the vectors.
-    Hashing 0.5 GB (100k x 1280 floats) still takes about a second, so the digest is remembered per file identity
-    (size, mtime, ctime, inode: every commit changes them) in this process and in ``analysis/fingerprints.json``,
-    and a dashboard started later does not hash again.  A space changed in memory but not yet committed is
-    fingerprinted by its ids and vector bytes instead (a different prefix, so such results never masquerade as
-    results of the committed file).
+    A committed space is named by its generation (new whenever the space is replaced, e.g. after retraining) and
+    the Delta version of its table (new with every append), both from the manifest: free to compute, never the
+    vectors.  A space with uncommitted changes gets a one-off fingerprint, so such results never masquerade as
+    results of a committed version.
     """
     if space not in store.space_names():
         store.space(space)  # raises the store's own one-line error naming the spaces that exist
-    dirty = space in getattr(store, "_dirty_spaces", set())
-    path = store.table_path(space)
-    if not dirty and path.is_file():
-        identity = _file_identity(path)
-        memo_key = (str(path.resolve()), *identity)
-        with _LOCK:
-            known = _FINGERPRINTS.get(memo_key)
-        if known is not None:
-            return known
-        registry_path = Path(store.path) / ANALYSIS_DIR / FINGERPRINTS_FILE
-        rel = path.relative_to(store.path).as_posix()
-        registry: dict[str, Any] = {}
-        with contextlib.suppress(OSError, ValueError):
-            loaded = json.loads(registry_path.read_text("utf-8"))
-            registry = loaded if isinstance(loaded, dict) else {}
-        entry = registry.get(rel)
-        if isinstance(entry, dict) and entry.get("identity") == identity and isinstance(entry.get("sha256"), str):
-            digest = str(entry["sha256"])
-        else:
-            digest = file_sha256(path)
-            registry[rel] = {"identity": identity, "sha256": digest}
-            try:
-                atomic_write_json(registry_path, registry)
-            except OSError as e:  # a read-only store: hash again next time, nothing worse
-                log.debug("%s: not written (%s)", registry_path, e)
-        with _LOCK:
-            _FINGERPRINTS[memo_key] = digest
-        return digest
-    sp = store.space(space)
-    h = hashlib.sha256()
-    for image_id in sp.ids:
-        h.update(image_id.encode("utf-8"))
-        h.update(b"\0")
-    h.update(str(sp.vectors.shape).encode("ascii"))
-    h.update(np.ascontiguousarray(sp.vectors, dtype="<f4").tobytes())
-    return "memory:" + h.hexdigest()
+    return "space:" + hashlib.sha256(store.space_fingerprint(space).encode("utf-8")).hexdigest()
 
 
 def cache_dir(store: Store, kind: str) -> Path:
@@ -254,11 +194,14 @@ def cached(
         "versions": library_versions(),
     }
     try:
-        atomic_write(table_path, lambda tmp: pq.write_table(arrow, tmp))
-        # The sidecar goes last: a table without its sidecar is never read, so a crash between the two is a miss.
-        atomic_write_json(sidecar_path, sidecar)
-    except OSError as e:
-        # A read-only store (a shared copy) still gets its answer, just not remembered on disk.
+        # Cache writes follow the store's one-writer rule; a reader never waits, so while another process
+        # writes the store the result is kept in memory only.
+        with WriterLock(Path(store.path)):
+            atomic_write(table_path, lambda tmp: pq.write_table(arrow, tmp))
+            # The sidecar goes last: a table without its sidecar is never read, so a crash between them is a miss.
+            atomic_write_json(sidecar_path, sidecar)
+    except (OSError, StoreLockedError) as e:
+        # A read-only store (a shared copy) or one being written still gets its answer, just not kept on disk.
         log.warning("%s: could not write the cache entry (%s); the result is kept in memory only", table_path, e)
         table = arrow.to_pandas()
         table.attrs = details
@@ -289,4 +232,3 @@ def clear_memo() -> None:
     """Forget the in-process tables and fingerprints (tests and benchmarks use it to measure a cold read)."""
     with _LOCK:
         _MEMO.clear()
-        _FINGERPRINTS.clear()

@@ -94,7 +94,7 @@ def map_report(store_path: Path, *, space: str = "encoder", dims: int = 2, n_nei
                coarse: bool = False, progress: bool = False) -> dict[str, Any]:
     """Everything `mammals map` shows, as data: the map (and clusters) computed or loaded from the store's cache."""
     from analysis.clusters import ClusterParams, coarse_cluster_params, compute_clusters, label_agreement
-    from analysis.maps import MapParams, compute_map
+    from analysis.maps import MapParams, compute_map, require_map_points
     from indexer.store import Store
 
     store = Store.open(store_path)
@@ -107,6 +107,7 @@ def map_report(store_path: Path, *, space: str = "encoder", dims: int = 2, n_nei
         cparams = ClusterParams(space=space, on=cluster_on, pca_components=pca_components,
                                 min_cluster_size=min_cluster_size, min_samples=min_samples, soft=soft,
                                 cluster_selection_method=cluster_selection, map=params) if clusters else None
+        require_map_points(store, space)
     except ValueError as e:
         raise UsageError(str(e)) from None
     m = compute_map(store, params, progress=progress)

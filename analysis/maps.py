@@ -257,8 +257,22 @@ def map_cache_params(store: Store, params: MapParams) -> tuple[dict[str, Any], d
     return {"map": params.as_dict(), "settings": settings}, settings
 
 
+# UMAP's spectral layout and nearest-neighbour graph need a handful of points; fewer is a user error, not a map.
+MIN_MAP_POINTS = 10
+
+
+def require_map_points(store: Store, space: str) -> None:
+    """ValueError naming the space when it has too few points to map."""
+    n = len(store.space_ids(space)) if space in store.space_names() else None
+    if n is not None and n < MIN_MAP_POINTS:
+        raise ValueError(f"{store.path}: space {space!r} has {n} point(s); a map needs at least {MIN_MAP_POINTS}")
+
+
 def compute_map(store: Store, params: MapParams = MapParams(), *, progress: bool = False) -> MapResult:
-    """The UMAP map of ``params.space``: from this process's memory, from the store's cache, or computed now."""
+    """The UMAP map of ``params.space``: from this process's memory, from the store's cache, or computed now.
+
+    Raises ValueError (a user error) when the space has fewer than ``MIN_MAP_POINTS`` points."""
+    require_map_points(store, params.space)
     fingerprint = input_fingerprint(store, params.space)
     cache_params, settings = map_cache_params(store, params)
 

@@ -29,6 +29,7 @@ def store_with_models_only(src: Path, dst: Path) -> None:
     new.manifest["models"] = trained.manifest["models"]
     shutil.copytree(src / "models", dst / "models")
     new.commit()
+    new.close()
 
 
 def main() -> int:

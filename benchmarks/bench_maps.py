@@ -15,8 +15,8 @@ Measured per size, in one process:
 * cached call: the same request again (in-process memo) and from disk (memo cleared, as in a new process),
 * repaint: from disk (in-process memo cleared, as in a new dashboard process: open the store, fingerprint, read
   both Parquet tables, join the labels) to a ``plotly`` ``Scattergl`` figure, and the figure's JSON (what a
-  dashboard sends to the browser); also the one-off cost of hashing the space file (the fingerprint is then
-  remembered per file version in ``analysis/fingerprints.json``).
+  dashboard sends to the browser); also the cost of the input fingerprint (the space's generation and Delta
+  version, read from the manifest).
 
 Targets: 100k points mapped and clustered <= 60 s; cached repaint <= 2 s.
 
@@ -108,8 +108,9 @@ def tiled_store(src: Store, n: int, noise: float, shape: str, dst: Path, *, seed
         "indexed_at": pd.Timestamp.now(tz="UTC").floor("s"),
     })
     store = Store.create(dst, src.encoder)
-    store.add_images(rows, {schema.ENCODER_SPACE: x})
-    store.commit()
+    with store:
+        store.add_images(rows, {schema.ENCODER_SPACE: x})
+        store.commit()
     return Store.open(dst)
 
 
@@ -182,10 +183,9 @@ def bench_size(src: Store, n: int, noise: float, shape: str, tmp: Path) -> dict[
     disk_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    cache.file_sha256(store.table_path(schema.ENCODER_SPACE))  # what a first fingerprint costs (then remembered)
-    hash_s = time.perf_counter() - t0
-    # Opening a store reads every space's id column (Store._repair checks they agree): a dashboard does it once
-    # per process (the store object is cached), so it is timed apart from the repaint.
+    cache.input_fingerprint(store, schema.ENCODER_SPACE)  # from the manifest: no data is read
+    fingerprint_s = time.perf_counter() - t0
+    # A dashboard opens the store once per process (the store object is cached): timed apart from the repaint.
     t0 = time.perf_counter()
     opened = Store.open(path)
     open_s = time.perf_counter() - t0
@@ -209,8 +209,9 @@ def bench_size(src: Store, n: int, noise: float, shape: str, tmp: Path) -> dict[
         "map_plus_cluster_s": round(map_s + cluster_s, 2),
         "cached_call_memo_s": round(memo_s, 4),
         "cached_call_disk_s": round(disk_s, 3),
-        "space_file_mb": round(store.table_path(schema.ENCODER_SPACE).stat().st_size / 1e6, 1),
-        "space_file_hash_s": round(hash_s, 3),
+        "space_files_mb": round(sum(p.stat().st_size for p in (path / schema.SPACES_DIR / schema.ENCODER_SPACE)
+                                    .rglob("*.parquet")) / 1e6, 1),
+        "space_fingerprint_s": round(fingerprint_s, 4),
         "store_open_s": round(open_s, 3),
         "repaint_cold": {k: round(v, 3) for k, v in repaint_cold.items()},
         "repaint_warm": {k: round(v, 3) for k, v in repaint_warm.items()},
@@ -258,8 +259,8 @@ def main() -> int:
                   f"{rc['figure_s']:.3f}; {rc['repaint_s'] / TARGET_REPAINT_S:.2f} x the {TARGET_REPAINT_S:.0f} s "
                   f"target; figure JSON {rc['json_s']:.2f} s, {rc['json_mb']:.1f} MB)")
             print(f"repaint in a live process : {rw['repaint_s']:7.3f} s")
-            print(f"hash of the space file    : {r['space_file_hash_s']:7.3f} s ({r['space_file_mb']:.0f} MB; once per "
-                  f"file version, then remembered in analysis/fingerprints.json)")
+            print(f"input fingerprint         : {r['space_fingerprint_s']:7.4f} s (space of "
+                  f"{r['space_files_mb']:.0f} MB; from the manifest, no data read)")
             print(f"agreement (tiled labels)  : NMI species {r['nmi_species']:.3f}, breed {r['nmi_breed']:.3f}")
         load_after = os.getloadavg()
 

@@ -4,8 +4,8 @@ Two caches, two lifetimes:
 
 * ``st.cache_resource`` for objects that are shared, not copied: the open :class:`~indexer.store.Store`, the
   store's encoder and the id -> path map.  They are keyed on :class:`StoreKey` (the store path plus the
-  manifest's ``updated_at``), so re-indexing or retraining while the app runs opens a fresh store instead of
-  serving stale vectors.
+  store's version number, which every commit raises), so re-indexing or retraining while the app runs opens a
+  fresh store instead of serving stale vectors.
 * ``st.cache_data`` for results (tables, maps, thumbnails, decoded images): pickled per caller, keyed on the same
   ``StoreKey`` and the parameters that shape the result, never on widget state that does not.
 
@@ -42,7 +42,7 @@ THUMB_SIDE = 160  # px: big enough to recognise a breed, small enough for a gall
 
 
 class StoreKey(NamedTuple):
-    """What identifies the store's contents for caching: its resolved path and the manifest's ``updated_at``."""
+    """What identifies the store's contents for caching: its resolved path and its published version."""
 
     path: str
     version: str
@@ -65,12 +65,14 @@ def store_path_from(argv: list[str], environ: dict[str, str] | os._Environ[str])
 
 
 def store_version(path: Path) -> str:
-    """The manifest's ``updated_at`` (every commit changes it); read on each rerun: one small JSON file."""
+    """The store's version number (every commit raises it; a timestamp of 1 s resolution would miss commits),
+    with its creation time (a store deleted and made anew at the same path starts counting again).  Read on each
+    rerun: one small JSON file."""
     try:
         manifest = json.loads((path / schema.MANIFEST).read_text("utf-8"))
-    except (OSError, ValueError) as e:
+        return f"{manifest['created_at']}#{int(manifest['version'])}"
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise StoreError(f"{path}: not a readable Mammals Space store ({e.__class__.__name__}: {e})") from None
-    return str(manifest.get("updated_at", ""))
 
 
 # Two entries: an open store holds its spaces in memory (100k x 1280 floats is 0.5 GB), and after a re-index

@@ -78,18 +78,27 @@ def _conf_index(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-sparsity", action="store_true", help="skip per-layer activation sparsity (faster)")
     p.add_argument("--sparsity-threshold", type=float, default=DEFAULT_THRESHOLD,
                    help=f"near-zero threshold relative to each layer's peak (default {DEFAULT_THRESHOLD})")
+    p.add_argument("--wait", action="store_true",
+                   help="when another process is writing the store, wait for it (default: exit 2 at once)")
+    p.add_argument("--index", dest="index_kind", metavar="KIND", default=None,
+                   help="vector index type: auto (exact below a size threshold, approximate above; the default), "
+                        "or force one of flat, ivf, ivfpq, hnsw (remembered by the store)")
     p.add_argument("--json", action="store_true", help="print the run report as JSON on stdout")
 
 
 def _run_index(a: argparse.Namespace) -> int:
     from indexer.pipeline import run_index
+    from indexer.store.vectors import INDEX_KINDS
 
     if a.batch_size < 1 or a.workers < 0:
         raise UsageError("--batch-size must be >= 1 and --workers >= 0")
+    if a.index_kind is not None and a.index_kind not in INDEX_KINDS:
+        raise UsageError(f"--index must be one of {', '.join(INDEX_KINDS)}, not {a.index_kind!r}")
     dirs = a.data_dirs or stored_sources(a.store) or default_data_dirs()
     report = run_index(dirs, a.store, encoder=a.encoder, layout=a.layout, species=a.species, labels_csv=a.labels,
                        batch_size=a.batch_size, workers=a.workers, device=a.device, progress=not a.quiet,
-                       sparsity=not a.no_sparsity, sparsity_threshold=a.sparsity_threshold)
+                       sparsity=not a.no_sparsity, sparsity_threshold=a.sparsity_threshold, wait=a.wait,
+                       index_kind=a.index_kind)
     if a.json:
         print(json.dumps({**report.as_dict(), "error_files": [{"path": p, "reason": r} for p, r in report.errors]},
                          indent=2))
@@ -159,6 +168,20 @@ def _run_query(a: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- info
+def _index_line(ix: dict[str, Any]) -> str:
+    """One line per index: its type and what it measured about itself (recall against exact search, latency)."""
+    q = ix.get("quality") or {}
+    parts = [f"{ix.get('kind', '?')}", f"{ix.get('segments', 0)} segment(s)"]
+    if q:
+        parts.append(f"recall@10 {q.get('recall_at_10', float('nan')):.3f}")
+        parts.append(f"p50 {q.get('p50_ms', float('nan')):.1f} ms, p95 {q.get('p95_ms', float('nan')):.1f} ms")
+        if q.get("memory_bytes") is not None:
+            parts.append(f"{q['memory_bytes'] / 2**20:.1f} MiB")
+    else:
+        parts.append("quality not measured yet")
+    return ", ".join(parts)
+
+
 def _conf_info(p: argparse.ArgumentParser) -> None:
     p.add_argument("store", type=Path, metavar="STORE")
     p.add_argument("--json", action="store_true")
@@ -174,8 +197,11 @@ def store_info(path: Path) -> dict[str, Any]:
     return {
         "store": str(path),
         "schema_version": m["schema_version"],
+        "version": store.version,
         "encoder": m["encoder"],
-        "spaces": {n: {k: v for k, v in s.items() if k in ("dim", "count", "kind", "model_sha256", "index_type")}
+        "spaces": {n: {**{k: v for k, v in s.items() if k in ("dim", "count", "kind", "model_sha256", "missing")},
+                       "index": {k: v for k, v in s["index"].items() if k in ("kind", "rows", "params", "quality")}
+                                | {"segments": len(s["index"].get("segments", []))}}
                    for n, s in m.get("spaces", {}).items()},
         "models": m.get("models", {}),
         "counts": m.get("counts", {}),
@@ -194,11 +220,14 @@ def _run_info(a: argparse.Namespace) -> int:
         return EXIT_OK
     c = info["counts"]
     enc = info["encoder"]
-    print(f"store      {info['store']} (schema {info['schema_version']}, updated {info['updated_at']})")
+    print(f"store      {info['store']} (schema {info['schema_version']}, version {info['version']}, "
+          f"updated {info['updated_at']})")
     print(f"encoder    {enc['name']}  dim {enc['dim']}  weights sha256 {enc['weights_sha256'][:16]}…")
     print(f"images     {c.get('images', 0)}   errors {c.get('errors', 0)}")
     for name, s in info["spaces"].items():
-        print(f"space      {name:<12} dim {s.get('dim')}  rows {s.get('count')}")
+        missing = f"  ({s['missing']} image(s) left out: photo unreadable)" if s.get("missing") else ""
+        print(f"space      {name:<12} dim {s.get('dim')}  rows {s.get('count')}{missing}")
+        print(f"  index    {_index_line(s['index'])}")
     for sp, n in c.get("by_species", {}).items():
         breeds = c.get("by_breed", {}).get(sp, {})
         print(f"species    {sp:<8} {n:>6} images, {len(breeds)} breed(s)")
@@ -217,6 +246,59 @@ def _run_info(a: argparse.Namespace) -> int:
 register("index", "index photo folders into a store")(_conf_index)(_run_index)
 register("query", "nearest indexed images and breed votes for photos")(_conf_query)(_run_query)
 register("info", "what is in a store")(_conf_info)(_run_info)
+
+
+# ---------------------------------------------------------------------------------------------------- verify
+def _conf_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", type=Path, metavar="STORE")
+    p.add_argument("--repair", action="store_true",
+                   help="fix what can be fixed: rebuild indexes from their tables, drop duplicate sparsity rows, "
+                        "recompute unreadable spaces (takes the writer lock)")
+    p.add_argument("--device", default=defaults.DEVICE, help="for recomputing spaces (auto, cpu, cuda, ...)")
+    p.add_argument("--json", action="store_true")
+
+
+def _run_verify(a: argparse.Namespace) -> int:
+    from indexer.store.verify import verify
+
+    def recompute(store: Any, spaces: list[str]) -> list[str]:
+        from indexer.pipeline import recompute_spaces
+
+        store.close()  # the pipeline takes the lock itself
+        return recompute_spaces(a.store, spaces, device=a.device, progress=not a.quiet)
+
+    findings = verify(a.store, repair=a.repair, recompute=recompute)
+    bad = [f for f in findings if not f.ok and not f.repaired]
+    if a.json:
+        print(json.dumps({"store": str(a.store), "ok": not bad, "findings": [f.as_dict() for f in findings]},
+                         indent=2))
+    else:
+        for f in findings:
+            mark = "ok      " if f.ok else "repaired" if f.repaired else "FAILED  "
+            print(f"{mark} {f.check}" + (f": {f.detail}" if f.detail else ""))
+        print(f"{a.store}: " + ("all invariants hold" if not bad else
+                                f"{len(bad)} problem(s)" + ("" if a.repair else "; `--repair` fixes what it can")))
+    return EXIT_OK if not bad else EXIT_PARTIAL
+
+
+register("verify", "check a store's invariants (and repair them)")(_conf_verify)(_run_verify)
+
+
+def _conf_migrate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", type=Path, metavar="STORE")
+
+
+def _run_migrate(a: argparse.Namespace) -> int:
+    from indexer.store.migrate import is_v1, migrate_v1
+
+    if not is_v1(a.store):
+        raise UsageError(f"{a.store}: not a store of schema version 1 (nothing to migrate)")
+    backup = migrate_v1(a.store)
+    print(f"{a.store}: migrated to store schema {schema.SCHEMA_VERSION}; the old files are kept in {backup}")
+    return EXIT_OK
+
+
+register("migrate", "upgrade a store written by an older Mammals Space (schema 1)")(_conf_migrate)(_run_migrate)
 
 
 def _load_plugins() -> None:

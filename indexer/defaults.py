@@ -20,8 +20,42 @@ MIN_SIDE = 8  # smaller images carry no usable content for a 224-px encoder
 
 # Commit the store at least this often during a long run so that a killed run loses little.
 COMMIT_EVERY_SECONDS = 60.0
+# Files that no published store version names any longer are kept this long, so that a reader pinned to an
+# older version (a dashboard, a query server) can finish; then the writer removes them.
+KEEP_OLD_FILES_SECONDS = 3600.0
+# Every this many store versions the writer checkpoints and vacuums its Delta tables.
+VACUUM_EVERY_VERSIONS = 50
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 # Where the README's main job looks for photos when none are given.
 SHARED_PETS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pets"
+
+# --- Vector indexes (indexer/store/vectors.py) -----------------------------------------------------------------
+# Exact (flat) search while rows x dim stays under this: 100k rows at 1280-d (~10 ms a query on 2 cores),
+# 2M rows at 64-d; approximate (IVF) above it, after `optimize` converts the space.
+VECTOR_EXACT_MAX_CELLS = 100_000 * 1280
+# IVF lists: ~4 sqrt(rows), capped so that training at 1M rows stays well under a minute on 2 cores.
+VECTOR_NLIST_PER_SQRT_ROWS = 4.0
+VECTOR_NLIST_MAX = 2048
+# k-means: points per centroid in the training sample (faiss warns under 39), and iterations.
+VECTOR_TRAIN_POINTS_PER_LIST = 40
+VECTOR_TRAIN_ITERATIONS = 10
+# The recall@10 an approximate index must reach against exact search; nprobe is tuned to the tuning target
+# (a margin above it, measured on other queries than the ones a reader will send).
+VECTOR_RECALL_TARGET = 0.95
+VECTOR_NPROBE_TUNING_TARGET = 0.97
+VECTOR_QUALITY_QUERIES = 256
+VECTOR_LATENCY_QUERIES = 200
+# optimize(): a segment is "small" when rows x this < the space's rows; two or more small segments are merged.
+# More than VECTOR_MAX_SEGMENTS segments are merged into one whatever their sizes.
+VECTOR_MERGE_FACTOR = 8
+VECTOR_MAX_SEGMENTS = 32
+# optimize() retrains an IVF whose rows grew this many times past the rows its lists were sized for.
+VECTOR_RETRAIN_GROWTH = 4.0
+# Rows per in-memory chunk when (re)building an IVF from stored vectors (~0.5 GB at 1280-d).
+VECTOR_BUILD_CHUNK_ROWS = 100_000
+# Single-query latency is sampled for at most this many seconds per measurement (exact search of 100k x 1280
+# takes ~0.1 s a query, so 200 queries would make every optimize of a large flat space slow).
+VECTOR_LATENCY_SECONDS = 3.0
+# --- end of vector index constants ---------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from indexer.latents import (
     sparsity_is_current,
     vae_vectors,
 )
-from indexer.sources import CatalogRow, join_labels, scan
+from indexer.sources import CatalogRow, is_utf8_path, join_labels, printable_path, scan
 from indexer.sparsity import DEFAULT_THRESHOLD, SparsityRecorder
 from indexer.store import Store, utcnow
 
@@ -207,9 +207,8 @@ class _Recorders:
         """Store ids without sparsity rows of ``model`` (all of them after a retrain or a --no-sparsity run)."""
         if model not in self.by_model:
             return []
-        sp = store.sparsity()
-        have = set(sp.loc[sp["model"] == model, "id"]) if len(sp) else set()
-        return [i for i in store.images["id"] if i not in have]
+        have = store.sparsity_ids(model)
+        return [i for i in store.image_ids() if i not in have]
 
 
 def run_index(
@@ -227,17 +226,59 @@ def run_index(
     commit_every_seconds: float = defaults.COMMIT_EVERY_SECONDS,
     sparsity: bool = True,
     sparsity_threshold: float = DEFAULT_THRESHOLD,
+    wait: bool = False,
+    index_kind: str | None = None,
 ) -> IndexReport:
     """Index the photos under ``sources`` into the store at ``store_path`` (created if missing).
 
     Only files whose content hash is not yet in the store are embedded; spaces of models trained since the last
-    run, and sparsity rows still missing, are computed for every stored image.
+    run, and sparsity rows still missing, are computed for every stored image.  The run holds the store's writer
+    lock throughout (``wait`` for it when another process holds it; else a StoreError naming the holder).
+    ``index_kind`` forces the vector index type (see ``indexer.store.vectors.INDEX_KINDS``; default: by size).
     """
     t_start = time.perf_counter()
+    if not wait:
+        _refuse_if_locked(store_path)  # before minutes of scanning and model loading, not after
     rows, matched = catalog(sources, layout=layout, species=species, labels_csv=labels_csv)
     dev = resolve_device(device)
     enc = encoder if isinstance(encoder, Encoder) else load_encoder(encoder, device=str(dev))
-    store = Store.open_or_create(store_path, enc.describe())
+    with Store.open_or_create(store_path, enc.describe(), wait=wait) as store:
+        return _run_locked(store, rows, matched, enc, dev, sources=sources, layout=layout, species=species,
+                           labels_csv=labels_csv, batch_size=batch_size, workers=workers, progress=progress,
+                           commit_every_seconds=commit_every_seconds, sparsity=sparsity,
+                           sparsity_threshold=sparsity_threshold, index_kind=index_kind, t_start=t_start)
+
+
+def _refuse_if_locked(store_path: Path) -> None:
+    if (store_path / schema.MANIFEST).exists():
+        Store.open(store_path, write=True).close()  # raises StoreError naming the writer that holds the lock
+
+
+def recompute_spaces(store_path: Path, spaces: Sequence[str], *, device: str = defaults.DEVICE,
+                     progress: bool = True) -> list[str]:
+    """Recompute whole spaces for every image (`mammals verify --repair` on unreadable ones): drop them from the
+    published version, then one run of this pipeline computes them again from the photos (encoder, VAE) or from
+    the encoder space (mapper).  Their old files stay on disk until garbage collection, as for any version."""
+    with Store.open(store_path, write=True) as store:
+        encoder = store.encoder["name"]
+        for name in spaces:
+            store.drop_space(name)
+        store.commit()
+    run_index([], store_path, encoder=encoder, device=device, progress=progress,
+              sparsity=bool(Store.open(store_path).sparsity_models()))
+    now = Store.open(store_path).space_names()
+    return [s for s in spaces if s in now]
+
+
+def _run_locked(
+    store: Store, rows: list[CatalogRow], matched: int | None, enc: Encoder, dev: torch.device, *,
+    sources: Sequence[Path], layout: str, species: str | None, labels_csv: Path | None, batch_size: int,
+    workers: int, progress: bool, commit_every_seconds: float, sparsity: bool, sparsity_threshold: float,
+    index_kind: str | None, t_start: float,
+) -> IndexReport:
+    store_path = store.path
+    if schema.ENCODER_SPACE not in store.space_names() and len(store):
+        _recompute_encoder_space(store, enc, dev, batch_size=batch_size, workers=workers, progress=progress)
     models = load_trained_models(store, dev)
     plan = _plan(store, enc, models, sparsity=sparsity, threshold=sparsity_threshold)
     report = IndexReport(store=str(store_path), scanned=len(rows), labels_matched=matched)
@@ -253,7 +294,9 @@ def run_index(
         "device": str(dev),
         "sparsity": sparsity,
         "sparsity_threshold": sparsity_threshold,
+        "index": index_kind or store.manifest.get("parameters", {}).get("index") or "auto",
     }
+    store.manifest.setdefault("parameters", {})["index"] = parameters["index"]
     started = utcnow()
     times = StageTimes()
     with ExitStack() as stack:
@@ -269,7 +312,40 @@ def run_index(
     run = {"started_at": started.isoformat(), "finished_at": utcnow().isoformat(),
            **{k: v for k, v in report.as_dict().items() if k != "store"}}
     store.commit(parameters=parameters, run=run)
+    # Index maintenance (merging segments, an approximate index once a space is large) is its own version, so
+    # that no append commit pays for it.
+    t = time.perf_counter()
+    if store.optimize():
+        times.add_forward("optimize_index", time.perf_counter() - t)
     return report
+
+
+def _recompute_encoder_space(store: Store, enc: Encoder, dev: torch.device, *, batch_size: int, workers: int,
+                             progress: bool) -> None:
+    """Embed every indexed photo again (the encoder space was unreadable and `mammals verify --repair` dropped
+    it).  A photo that cannot be read again is left out of the space and counted as missing, never invented."""
+    ids = store.image_ids()
+    path_of = dict(zip(store.images["id"], store.images["path"], strict=True))
+    have: list[str] = []
+    parts: list[np.ndarray] = []
+    bar = tqdm(total=len(ids), unit="img", desc="re-embed", file=sys.stderr, disable=not progress,
+               dynamic_ncols=True)
+    try:
+        for batch in iter_batches([path_of[i] for i in ids], {"encoder": enc.preprocess}, batch_size=batch_size,
+                                  workers=workers):
+            sel = [k for k, r in enumerate(batch.ok) if r.id == ids[r.index]]
+            for r in batch.results:
+                if r.status != "ok" or r.id != ids[r.index]:
+                    log.warning("could not re-read %s for the encoder space: %s", r.path, r.reason or "file changed")
+            if sel:
+                parts.append(embed(enc.model, batch.tensors["encoder"][sel], dev))
+                have.extend(str(batch.ok[k].id) for k in sel)
+            bar.update(len(batch.results))
+    finally:
+        bar.close()
+    mat = np.concatenate(parts) if parts else np.zeros((0, int(enc.describe()["dim"])), np.float32)
+    store.set_space(schema.ENCODER_SPACE, have, mat, {"kind": "encoder"})
+    store.commit()
 
 
 def _relabel(store: Store, rows: list[CatalogRow]) -> int:
@@ -295,9 +371,16 @@ def _add_new_photos(
 ) -> None:
     known = frozenset(store.known_ids())
     seen_now: set[str] = set()
+    rows, bad_names = _split_undecodable_names(rows)
+    for row in bad_names:
+        path = printable_path(row.path)
+        report.errors.append((path, NON_UTF8_REASON))
+        log.warning("skipped %s: %s", path, NON_UTF8_REASON)
     pending_rows: list[tuple[CatalogRow, FileResult]] = []
     pending_vecs: dict[str, list[np.ndarray]] = {}
-    pending_errors: list[dict[str, Any]] = []
+    pending_errors: list[dict[str, Any]] = [
+        {"path": printable_path(r.path), "reason": NON_UTF8_REASON, "dataset": r.dataset, "seen_at": utcnow()}
+        for r in bad_names]
     transforms: dict[str, Any] = {"encoder": enc.preprocess}
     if plan.needs_vae_pixels():
         from indexer.models.vae import vae_transform
@@ -358,6 +441,18 @@ def _add_new_photos(
     flush()
 
 
+# Arrow and Parquet strings are UTF-8: a name that is not cannot be stored as a path, nor safely re-read later.
+NON_UTF8_REASON = "file name is not valid UTF-8 (rename the file to index it)"
+
+
+def _split_undecodable_names(rows: list[CatalogRow]) -> tuple[list[CatalogRow], list[CatalogRow]]:
+    good: list[CatalogRow] = []
+    bad: list[CatalogRow] = []
+    for r in rows:
+        (good if is_utf8_path(r.path) else bad).append(r)
+    return good, bad
+
+
 def _forward_new(
     batch: Batch, oks: list[FileResult], enc: Encoder, models: TrainedModels, plan: _Plan, recorders: _Recorders,
     times: StageTimes, dev: torch.device,
@@ -388,7 +483,7 @@ def _backfill(
     progress: bool,
 ) -> None:
     """Compute, for photos already in the store, the spaces and sparsity rows that are missing."""
-    ids = store.images["id"].tolist()
+    ids = store.image_ids()
     if not ids:
         return
     # The mapper reads stored embeddings: no photo is read again.
@@ -396,6 +491,7 @@ def _backfill(
     if mapper_ids and models.mapper is not None:
         enc_space = store.space(schema.ENCODER_SPACE)
         row_of = {i: k for k, i in enumerate(enc_space.ids)}
+        mapper_ids = [i for i in mapper_ids if i in row_of]  # an image missing from the encoder space has no input
         parts: dict[str, list[np.ndarray]] = {}
         for start in range(0, len(mapper_ids), batch_size):
             chunk = mapper_ids[start:start + batch_size]
@@ -406,7 +502,8 @@ def _backfill(
             times.add_forward(MAPPER, time.perf_counter() - t)
         if MAPPER in plan.backfill_models:
             for sp in MODEL_SPACES[MAPPER]:
-                store.set_space(sp, ids, np.concatenate(parts[sp]), space_meta(MAPPER, models))
+                mat = np.concatenate(parts[sp]) if parts else np.zeros((0, 1), np.float32)
+                store.set_space(sp, mapper_ids, mat, space_meta(MAPPER, models))
             report.recomputed.extend(MODEL_SPACES[MAPPER])
         recorders.flush(store)
         store.commit(parameters=parameters)
@@ -458,15 +555,16 @@ def _backfill(
     finally:
         bar.close()
     if vae_all:
-        dim = models.vae.latent_dim
-        missing = [i for i in ids if i not in vae_rows]
-        if missing:
-            # Every space holds every image; a photo that moved since it was indexed gets a zero vector
-            # (never a match in cosine search) and a warning, rather than blocking the whole space.
-            log.warning("%d photo(s) could not be re-read for the VAE spaces; their vectors are zero", len(missing))
+        have = [i for i in ids if i in vae_rows]
+        if len(have) < len(ids):
+            # A photo that moved or broke since it was indexed has no VAE latent: it is left out of the VAE spaces
+            # (counted as `missing` in their metadata), never given a made-up vector that search would return.
+            log.warning("%d photo(s) could not be re-read for the VAE spaces; they are left out of them",
+                        len(ids) - len(have))
         for sp in MODEL_SPACES[VAE]:
-            mat = np.stack([vae_rows[i][sp] if i in vae_rows else np.zeros(dim, np.float32) for i in ids])
-            store.set_space(sp, ids, mat, space_meta(VAE, models))
+            dim = models.vae.latent_dim
+            mat = np.stack([vae_rows[i][sp] for i in have]) if have else np.zeros((0, dim), np.float32)
+            store.set_space(sp, have, mat, space_meta(VAE, models))
         report.recomputed.extend(MODEL_SPACES[VAE])
     recorders.flush(store)
     store.commit(parameters=parameters)

@@ -91,12 +91,12 @@ def search_vectors(
     """
     if exclude_ids is not None and len(exclude_ids) != len(vectors):
         raise ValueError(f"exclude_ids has {len(exclude_ids)} ids for {len(vectors)} vectors")
-    index = store.faiss_index(space)
-    by_fid = store.images.set_index("faiss_id")
+    index = store.vector_index(space)
     kk = min(k + (1 if exclude_ids is not None else 0), index.ntotal)
     if kk == 0:
         return [[] for _ in range(len(vectors))]
     sims, fids = index.search(unit_rows(vectors), kk)
+    by_fid = store.images.set_index("faiss_id")
     out: list[list[Neighbour]] = []
     for row, (row_sims, row_fids) in enumerate(zip(sims, fids, strict=True)):
         found = []

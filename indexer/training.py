@@ -19,40 +19,54 @@ import numpy as np
 import torch
 
 from indexer import schema
+from indexer.atomic import current_umask
 from indexer.latents import MAPPER, MODEL_SPACES, MODELS_DIR, VAE
 from indexer.store import Store, StoreError, utcnow
 
 log = logging.getLogger(__name__)
 
 
-def _install_model(store: Store, model: str, tmp_dir: Path, info: dict[str, Any]) -> Path:
-    """Move a finished model folder into place, register it, invalidate what its predecessor computed."""
-    final = store.path / MODELS_DIR / model / info["sha256"][:16]
-    if final.exists():  # retrained to identical weights (same seed, same data): keep the existing copy
-        shutil.rmtree(tmp_dir)
-    else:
-        os.replace(tmp_dir, final)
-    previous = store.manifest.get("models", {}).get(model)
-    store.manifest.setdefault("models", {})[model] = {**info, "dir": str(final.relative_to(store.path)),
-                                                      "trained_at": utcnow().isoformat()}
-    if previous is None or previous.get("sha256") != info["sha256"]:
-        for sp in MODEL_SPACES[model]:
-            if sp in store.space_names():
-                store.drop_space(sp)
-        if model in store.sparsity_models():
-            store.drop_sparsity(model)
-    store.commit()
-    # Older versions go only after the manifest has stopped naming them.
-    for old in (store.path / MODELS_DIR / model).iterdir():
-        if old != final and old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
+def _install_model(store_path: Path, model: str, tmp_dir: Path, info: dict[str, Any]) -> Path:
+    """Move a finished model folder into place, register it, invalidate what its predecessor computed.
+
+    Training only reads the store; the writer lock is taken here, waiting for a writer that holds it (an index
+    run can finish its commits while this model trained; the model is then registered on top of them).
+    """
+    with Store.open(store_path, write=True, wait=True) as store:
+        final = store.path / MODELS_DIR / model / info["sha256"][:16]
+        if final.exists():  # retrained to identical weights (same seed, same data): keep the existing copy
+            shutil.rmtree(tmp_dir)
+        else:
+            os.replace(tmp_dir, final)
+        previous = store.manifest.get("models", {}).get(model)
+        store.manifest.setdefault("models", {})[model] = {**info, "dir": str(final.relative_to(store.path)),
+                                                          "trained_at": utcnow().isoformat()}
+        if previous is None or previous.get("sha256") != info["sha256"]:
+            for sp in MODEL_SPACES[model]:
+                if sp in store.space_names():
+                    store.drop_space(sp)
+            if model in store.sparsity_models():
+                store.drop_sparsity(model)
+        store.commit()
+        # Older versions go only after the manifest has stopped naming them.
+        for old in (store.path / MODELS_DIR / model).iterdir():
+            if old != final and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _check_writable(store_path: Path) -> None:
+    """Refuse before training (minutes) rather than after it when another process is writing the store."""
+    with Store.open(store_path, write=True):
+        pass
 
 
 def _temp_model_dir(store: Store, model: str) -> Path:
     parent = store.path / MODELS_DIR / model
     parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=".training-", dir=parent))
+    tmp = Path(tempfile.mkdtemp(prefix=".training-", dir=parent))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would hide the model from a lab's other users
+    return tmp
 
 
 def _labelled_breeds(store: Store, ids: list[str]) -> list[str | None]:
@@ -64,6 +78,7 @@ def train_store_mapper(store_path: Path, config: Any = None, *, progress: bool =
     """Train the identity/attribute mapper on the store's encoder embeddings and breed labels."""
     from indexer.models.mapper import MapperConfig, save_mapper, train_mapper
 
+    _check_writable(store_path)
     store = Store.open(store_path)
     cfg = config or MapperConfig()
     sp = store.space(schema.ENCODER_SPACE)
@@ -75,7 +90,7 @@ def train_store_mapper(store_path: Path, config: Any = None, *, progress: bool =
     saved = save_mapper(result, tmp)
     info = {"sha256": saved["sha256"], "config": cfg.to_dict(), "report": result.report,
             "trained_on": {"images": len(sp.ids), "encoder": store.encoder["name"]}}
-    final = _install_model(store, MAPPER, tmp, info)
+    final = _install_model(store_path, MAPPER, tmp, info)
     return {**info, "dir": str(final)}
 
 
@@ -91,6 +106,7 @@ def train_store_vae(store_path: Path, config: Any = None, *, progress: bool = Tr
         train_vae,
     )
 
+    _check_writable(store_path)
     store = Store.open(store_path)
     cfg = config or VAEConfig()
     ids = store.images["id"].tolist()
@@ -109,7 +125,7 @@ def train_store_vae(store_path: Path, config: Any = None, *, progress: bool = Tr
     save_sample_grid(result.model, tmp / "samples.png", seed=cfg.seed)
     info = {"sha256": saved["sha256"], "config": cfg.to_dict(), "report": report,
             "trained_on": {"images": len(ids)}}
-    final = _install_model(store, VAE, tmp, info)
+    final = _install_model(store_path, VAE, tmp, info)
     return {**info, "dir": str(final), "reconstructions_png": str(final / "reconstructions.png"),
             "samples_png": str(final / "samples.png")}
 

@@ -209,10 +209,12 @@ def test_sparsity_page_correlates_a_numeric_label_joined_from_a_csv(pets_store_c
     from indexer.pipeline import run_index
 
     # A "rating" that rises with the images' last-layer Hoyer sparsity (a planted relation), joined from a CSV.
-    sp = pd.read_parquet(pets_store_copy / "sparsity.parquet")
+    from indexer.store import Store
+
+    sp = Store.open(pets_store_copy).sparsity()
     last = sp[(sp["model"] == "encoder") & (sp["metric"] == "hoyer")]
     last = last[last["layer_index"] == last["layer_index"].max()].set_index("id")["value"]
-    images = pd.read_parquet(pets_store_copy / "images.parquet").set_index("id")
+    images = Store.open(pets_store_copy).images.set_index("id")
     rating = pd.qcut(last.rank(method="first"), 5, labels=False) + 1
     csv = tmp_path / "ratings.csv"
     pd.DataFrame({"path": images.loc[rating.index, "path"], "rating": rating.astype(float)}).to_csv(csv, index=False)
@@ -345,13 +347,13 @@ def test_cli_registers_dashboard_and_binds_localhost(tmp_path: Path, capsys: pyt
 
 def test_thumbnails_only_serve_store_images(pets_store: Path) -> None:
     """A thumbnail is asked for by id; anything that is not an indexed image's id gives the placeholder."""
-    import pandas as pd
     from PIL import Image
 
     from dashboard.state import StoreKey, store_version, thumbnail
+    from indexer.store import Store
 
     key = StoreKey(str(pets_store.resolve()), store_version(pets_store.resolve()))
-    image_id = str(pd.read_parquet(pets_store / "images.parquet")["id"].iloc[0])
+    image_id = str(Store.open(pets_store).images["id"].iloc[0])
     real = Image.open(io.BytesIO(thumbnail(key, image_id)))
     assert max(real.size) == 160
     for bogus in ("/etc/passwd", str(next(PETS.rglob("*.jpg"))), "../../x", "0" * 64):

@@ -13,7 +13,6 @@ import duckdb
 import faiss
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -47,24 +46,34 @@ def test_store_tables_agree_and_open_without_our_code(pets_store: Path) -> None:
     assert manifest["counts"]["by_species"] == {"cat": 480, "dog": 660}
     assert {"torch", "faiss-cpu", "pyarrow"} <= set(manifest["versions"])
 
-    images = pd.read_parquet(pets_store / "images.parquet")
-    table = pq.read_table(pets_store / "spaces" / "encoder.parquet")
-    index = faiss.read_index(str(pets_store / "spaces" / "encoder.faiss"))
-    assert len(images) == table.num_rows == index.ntotal == 1140
-    assert images["id"].is_unique
-    assert table.column("id").to_pylist() == images["id"].tolist()
-    assert table.schema.field("vector").type.list_size == 1280
-    # The FAISS index returns the table's faiss_ids, and row i of the index is row i of the table.
+    # Without our code: the manifest names each Delta table's version; deltalake reads it, duckdb queries it.
+    from deltalake import DeltaTable
+
+    images_dt = DeltaTable(str(pets_store / "images"), version=manifest["tables"]["images"]["version"])
+    sp = manifest["spaces"]["encoder"]
+    space_dt = DeltaTable(str(pets_store / sp["table"]), version=sp["table_version"])
+    images = images_dt.to_pandas().sort_values("seq")
+    table = space_dt.to_pyarrow_table()
+    assert len(images) == table.num_rows == 1140
+    assert images["id"].is_unique and set(table.column("id").to_pylist()) == set(images["id"])
+    # The FAISS segments return the table's faiss_ids.
     vecs = np.stack(table.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32)
+    assert vecs.shape == (1140, 1280)
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
-    _, found = index.search(vecs[:5], 1)
-    assert found[:, 0].tolist() == table.column("faiss_id").to_pylist()[:5]
-    # duckdb reads the tables directly.
-    n, dim = duckdb.sql(
-        f"select count(*), max(len(vector)) from '{pets_store / 'spaces' / 'encoder.parquet'}'").fetchall()[0]
+    segments = [faiss.read_index(str(pets_store / sp["index_dir"] / seg["file"])) for seg in sp["index"]["segments"]]
+    assert sum(ix.ntotal for ix in segments) == 1140
+    first = next(ix for ix in segments if ix.ntotal)
+    _, found = first.search(vecs[:1], 1)
+    assert found[0, 0] in set(table.column("faiss_id").to_pylist())
+    # duckdb queries the same tables (as Arrow datasets of the pinned versions).
+    con = duckdb.connect()
+    con.register("space", space_dt.to_pyarrow_dataset())
+    con.register("images", images_dt.to_pyarrow_dataset())
+    n, dim = con.sql("select count(*), max(len(vector)) from space").fetchall()[0]
     assert (n, dim) == (1140, 1280)
-    breeds = duckdb.sql(f"select count(distinct breed) from '{pets_store / 'images.parquet'}'").fetchall()[0]
-    assert breeds == (45,)
+    assert con.sql("select count(distinct breed) from images").fetchall()[0] == (45,)
+    joined = con.sql("select count(*) from images join space using (id)").fetchall()[0]
+    assert joined == (1140,)
 
 
 # ------------------------------------------------------------------------------------------------- query
@@ -147,10 +156,8 @@ def test_rerun_adds_nothing_and_new_folder_adds_exactly_its_rows(pets_store_copy
     assert added.added == 12
     store = Store.open(pets_store_copy)
     assert len(store) == 1152
-    index = faiss.read_index(str(store.index_path("encoder")))
-    table = pq.read_table(store.table_path("encoder"))
-    assert index.ntotal == table.num_rows == 1152
-    assert table.column("id").to_pylist() == store.images["id"].tolist()
+    assert store.vector_index("encoder").ntotal == len(store.space_ids("encoder")) == 1152
+    assert store.space_ids("encoder") == store.images["id"].tolist()
     new = store.images.tail(12)
     assert set(new["breed"]) == {b.name for b in breeds} and set(new["species"]) == {"dog"}
     assert set(new["layout"]) == {"breed-folders"}
@@ -202,35 +209,53 @@ def test_duplicate_bytes_are_indexed_once(tmp_path: Path) -> None:
     shutil.copy(sample_photos(2)[1], src / "c.jpg")
     rep = run_index([src], tmp_path / "store", species="cat", progress=False, workers=0)
     assert (rep.added, rep.duplicates) == (2, 1)
+    # Both copies went through the network in one batch: their sparsity rows are still recorded once.
+    store = Store.open(tmp_path / "store")
+    sp = store.sparsity()
+    assert set(sp["id"]) == set(store.images["id"])
+    assert not sp.duplicated(["id", "model", "layer_index", "metric"]).any()
+    from analysis.sparsity_stats import depth_curves
+
+    assert len(depth_curves(store, "encoder", "hoyer", "species"))
 
 
 # ------------------------------------------------------------------------------------------------- bad input
 
 
 def test_bad_files_are_skipped_with_reasons(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tests.helpers_badfiles import make_bad_corpus
+    from indexer.sources import printable_path
+    from tests.helpers_badfiles import add_duplicates, make_bad_corpus
 
     folder = tmp_path / "mixed"
     folder.mkdir()
-    expected = make_bad_corpus(folder)
-    assert len(expected) >= 10
+    expected = make_bad_corpus(folder, non_utf8_name=True)
+    assert len(expected) >= 40
     good = sample_photos(3)
     for p in good:
         shutil.copy(p, folder / p.name)
+    add_duplicates(folder)  # two copies of one more photo: indexed once, not an error
     store = tmp_path / "store"
     code = cli(["index", str(folder), "--store", str(store), "--species", "cat", "--layout", "flat", "-q",
                 "--workers", "1"])
     assert code == 0
     err = capsys.readouterr().err
-    errors = pd.read_parquet(store / "errors.parquet")
+    errors = Store.open(store).errors
     by_name = {Path(p).name: r for p, r in zip(errors["path"], errors["reason"], strict=True)}
     for name, keyword in expected.items():
         if (folder / name).suffix.lower() not in (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"):
             continue  # not an image extension: never a candidate, so never an error
-        assert name in by_name, f"{name} missing from errors.parquet"
-        assert keyword.lower() in by_name[name].lower(), (name, by_name[name])
-        assert name in err  # a one-line warning names the file
-    assert len(Store.open(store)) == 3
+        shown = printable_path(name)
+        assert shown in by_name, f"{shown} missing from the errors table"
+        assert keyword.lower() in by_name[shown].lower(), (shown, by_name[shown])
+        assert shown in err  # a one-line warning names the file
+    s = Store.open(store)
+    assert len(s) == 4 and s.images["id"].is_unique
+    assert not s.sparsity().duplicated(["id", "model", "layer_index", "metric"]).any()
+    # A second run over the same folder: nothing new, the same errors, no duplicates anywhere.
+    assert cli(["index", str(folder), "--store", str(store), "--species", "cat", "--layout", "flat", "-q"]) == 0
+    again = Store.open(store)
+    assert len(again) == 4 and len(again.errors) == len(errors)
+    assert cli(["verify", str(store), "-q"]) == 0
 
 
 def test_cli_user_errors_exit_2_without_traceback(tmp_path: Path) -> None:
@@ -288,7 +313,9 @@ def test_open_clip_encoder_end_to_end(clip_store: tuple[Path, str, list[Path]],
 # ------------------------------------------------------------------------------------------------- crash safety
 
 
-def test_half_committed_store_rolls_back_to_last_commit(tmp_path: Path) -> None:
+def test_unpublished_commit_is_invisible_and_rolled_back(tmp_path: Path) -> None:
+    """A commit killed after its Delta appends but before the manifest: readers see the last published version,
+    and the next writer rolls the tables back before writing (no duplicate rows)."""
     src = tmp_path / "src"
     src.mkdir()
     photos = sample_photos(6)
@@ -296,22 +323,19 @@ def test_half_committed_store_rolls_back_to_last_commit(tmp_path: Path) -> None:
         shutil.copy(p, src / p.name)
     store = tmp_path / "store"
     run_index([src], store, species="dog", progress=False, workers=0)
-    old_images = (store / "images.parquet").read_bytes()
     old_manifest = (store / "manifest.json").read_bytes()
     for p in photos[3:]:
         shutil.copy(p, src / p.name)
     run_index([src], store, species="dog", progress=False, workers=0)
-    # Simulate a kill after the space table/index were renamed but before images.parquet and the manifest.
-    (store / "images.parquet").write_bytes(old_images)
-    (store / "manifest.json").write_bytes(old_manifest)
-    (store / "spaces" / ".encoder.parquet.x.tmp").write_bytes(b"partial")
+    (store / "manifest.json").write_bytes(old_manifest)  # as if killed just before publishing
     s = Store.open(store)
-    assert len(s) == 3 and s.space("encoder").ids == s.images["id"].tolist()
+    assert len(s) == 3 and s.space_ids("encoder") == s.images["id"].tolist()
+    assert s.vector_index("encoder").ntotal == 3
     rep = run_index([src], store, species="dog", progress=False, workers=0)
     assert (rep.added, rep.already_indexed) == (3, 3)
     s = Store.open(store)
-    assert len(s) == 6 and faiss.read_index(str(s.index_path("encoder"))).ntotal == 6
-    assert not list(store.rglob("*.tmp"))
+    assert len(s) == 6 and s.vector_index("encoder").ntotal == 6
+    assert s.images["id"].is_unique and sorted(s.space_ids("encoder")) == sorted(s.images["id"])
 
 
 def test_killed_run_resumes(tmp_path: Path) -> None:
@@ -337,6 +361,7 @@ def test_killed_run_resumes(tmp_path: Path) -> None:
     done = len(first)
     assert 0 < done < 1140
     assert first.space("encoder").ids == first.images["id"].tolist()
+    assert first.vector_index("encoder").ntotal == done
     rep = run_index([PETS], store, progress=False, sparsity=False)
     assert rep.already_indexed == done and rep.already_indexed + rep.added == 1140
     assert len(Store.open(store)) == 1140

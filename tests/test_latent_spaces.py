@@ -6,9 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-import faiss
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -50,9 +48,8 @@ def test_every_space_has_every_image_in_table_and_index(pets_store_full: Path) -
     assert set(store.space_names()) == ALL_SPACES
     ids = store.images["id"].tolist()
     for name in ALL_SPACES:
-        table = pq.read_table(store.table_path(name))
-        assert table.column("id").to_pylist() == ids, name
-        assert faiss.read_index(str(store.index_path(name))).ntotal == len(ids), name
+        assert store.space_ids(name) == ids, name
+        assert store.vector_index(name).ntotal == len(ids), name
         assert store.manifest["spaces"][name]["count"] == len(ids)
     for model in MODEL_SPACES:
         for sp in MODEL_SPACES[model]:
@@ -116,16 +113,25 @@ def test_retraining_vae_recomputes_only_vae_spaces(pets_store_full: Path, tmp_pa
 
     store_dir = tmp_path / "store"
     shutil.copytree(pets_store_full, store_dir)
-    before = {n: (store_dir / "spaces" / f"{n}.parquet").read_bytes() for n in ALL_SPACES}
+    def files(n: str) -> dict[str, bytes]:  # every data file of a space: Delta parts and FAISS segments
+        return {str(p.relative_to(store_dir)): p.read_bytes()
+                for d in (store_dir / "spaces" / n, store_dir / "indexes" / n) for p in sorted(d.rglob("*"))
+                if p.is_file() and "_delta_log" not in p.parts}
+
+    before = {n: files(n) for n in ALL_SPACES}
+    published = {n: Store.open(store_dir).space_fingerprint(n) for n in ALL_SPACES}
     train_store_vae(store_dir, VAEConfig(epochs=1, seed=7), progress=False)
     assert set(Store.open(store_dir).space_names()) == {"encoder", "mapper_id", "mapper_attr"}
     rep = run_index([], store_dir, progress=False)
     assert sorted(rep.recomputed) == ["vae_logvar", "vae_mu"]
-    after = {n: (store_dir / "spaces" / f"{n}.parquet").read_bytes() for n in ALL_SPACES}
+    after = {n: files(n) for n in ALL_SPACES}
+    now = {n: Store.open(store_dir).space_fingerprint(n) for n in ALL_SPACES}
     for n in ("encoder", "mapper_id", "mapper_attr"):
-        assert before[n] == after[n], n
+        assert before[n] == after[n] and published[n] == now[n], n
     for n in ("vae_mu", "vae_logvar"):
-        assert before[n] != after[n], n
+        assert published[n] != now[n], n
+        # Files are immutable: the old version's files are all still there, beside the new ones.
+        assert set(before[n]) < set(after[n]) and all(after[n][f] == b for f, b in before[n].items()), n
     store = Store.open(store_dir)
     assert len(store.space("vae_mu").ids) == len(store)
     vae_rows = store.sparsity()

@@ -93,6 +93,7 @@ def make_store(path: Path, sparsity: pd.DataFrame, labels: pd.DataFrame, *, dim:
     for model, part in sparsity.groupby("model"):
         store.add_sparsity(part.reset_index(drop=True), str(model), {"model_sha256": "0" * 64, "threshold": 0.01})
     store.commit()
+    store.close()
     return path
 
 

@@ -1,9 +1,17 @@
-"""The store directory: open, validate, append, replace spaces, commit atomically.
+"""The store: open a published version, append to it under the writer lock, publish the next version.
 
-Invariant: every feature space listed in the manifest holds exactly the ids of ``images.parquet`` in the same
-order, and its FAISS index holds the same rows in that order.  Writes are append-only for images, so a commit
-that was killed between two renames is repaired on open by keeping the ids that every table shares (= the last
-complete commit); the rows lost that way were never reported as indexed and the next run re-embeds them.
+How a commit works (each step is a failpoint for the crash tests, see ``_failpoint``):
+
+1. every change is written as *new* files: Delta appends (Parquet parts + a log entry) for new rows, a Delta
+   overwrite for a replaced space or relabelled images, new FAISS segment files for new vectors;
+2. ``manifest.json`` is replaced in one rename: it names the Delta version of every table and the FAISS files of
+   every space.  That rename is the commit.
+
+A reader opens ``manifest.json`` once and reads every table at the version it names, so it never sees a commit in
+progress; a commit killed before step 2 leaves Delta versions newer than the manifest's, which the next writer
+rolls back (``_roll_back_unpublished``) before it writes.  Nothing a published version names is ever rewritten,
+and files no version names any longer are removed only ``KEEP_OLD_FILES_SECONDS`` later, so a reader pinned to an
+older version keeps working.  The cost of a commit is proportional to what it adds, not to the store's size.
 """
 
 from __future__ import annotations
@@ -14,20 +22,24 @@ import json
 import logging
 import os
 import platform
+import signal
+import time
+import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 
-from indexer import __version__, schema
-from indexer.atomic import atomic_write, atomic_write_json, remove_stale_temp_files
+from indexer import __version__, defaults, schema
+from indexer.atomic import atomic_write_json, remove_stale_temp_files
+from indexer.store import tables, vectors
+from indexer.store.lock import StoreLockedError, WriterLock
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +58,16 @@ def library_versions() -> dict[str, str]:
 
     versions = {"mammals-space": __version__, "python": platform.python_version()}
     for dist in ("torch", "torchvision", "timm", "open_clip_torch", "faiss-cpu", "faiss-gpu", "numpy", "pyarrow",
-                 "pandas", "pillow"):
+                 "pandas", "pillow", "deltalake"):
         with contextlib.suppress(md.PackageNotFoundError):
             versions[dist] = md.version(dist)
     return versions
+
+
+def _failpoint(step: str) -> None:
+    """Crash tests set ``MAMMALS_CRASH_AT=<step>`` to SIGKILL the process exactly at one step of a commit."""
+    if os.environ.get("MAMMALS_CRASH_AT") == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -66,40 +84,6 @@ class Space:
         return int(self.vectors.shape[1])
 
 
-def _vectors_from_table(table: pa.Table) -> np.ndarray:
-    col = table.column("vector").combine_chunks()
-    dim = col.type.list_size
-    flat = col.flatten().to_numpy(zero_copy_only=False)
-    # A writable copy: Arrow's buffers are read-only, and torch.from_numpy warns about (and cannot own) those.
-    return np.array(flat.reshape(-1, dim), dtype=np.float32, copy=True)
-
-
-def space_table(ids: list[str], vectors: np.ndarray) -> pa.Table:
-    dim = int(vectors.shape[1])
-    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).ravel(), type=pa.float32())
-    return pa.Table.from_arrays(
-        [
-            pa.array(ids, type=pa.string()),
-            pa.array([schema.faiss_id_of(i) for i in ids], type=pa.int64()),
-            pa.FixedSizeListArray.from_arrays(flat, dim),
-        ],
-        schema=schema.space_schema(dim),
-    )
-
-
-def build_faiss_index(ids: list[str], vectors: np.ndarray) -> faiss.Index:
-    """Exact inner-product search over unit-length rows (= cosine), keyed by each image's faiss_id.
-
-    Exact search is the honest default up to a few hundred thousand rows on a CPU (a 100k x 1280 query is
-    tens of milliseconds); approximate indexes trade recall we would then have to report.
-    """
-    dim = int(vectors.shape[1])
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    if len(ids):
-        index.add_with_ids(unit_rows(vectors), np.array([schema.faiss_id_of(i) for i in ids], dtype=np.int64))
-    return index
-
-
 def unit_rows(vectors: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (zero rows stay zero): spaces stored raw (a VAE's mu) are searched by cosine."""
     x = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -107,106 +91,203 @@ def unit_rows(vectors: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0), dtype=np.float32)
 
 
-def write_table(path: Path, table: pa.Table) -> None:
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+def space_table(ids: list[str], vecs: np.ndarray) -> pa.Table:
+    """A space's rows as Arrow (``vector`` is a list of exactly ``dim`` floats per row)."""
+    mat = np.ascontiguousarray(vecs, dtype=np.float32)
+    dim = int(mat.shape[1]) if mat.ndim == 2 else 0
+    offsets = pa.array(np.arange(0, (len(ids) + 1) * dim, dim, dtype=np.int32) if len(ids) else [0], pa.int32())
+    return pa.Table.from_arrays(
+        [
+            pa.array(ids, type=pa.string()),
+            pa.array([schema.faiss_id_of(i) for i in ids], type=pa.int64()),
+            pa.ListArray.from_arrays(offsets, pa.array(mat.ravel(), type=pa.float32())),
+        ],
+        schema=schema.SPACE_SCHEMA,
+    )
 
 
-def write_index(path: Path, index: faiss.Index) -> None:
-    atomic_write(path, lambda tmp: faiss.write_index(index, str(tmp)))
+def vectors_of(table: pa.Table, dim: int) -> np.ndarray:
+    """The (n, dim) float32 matrix of a space table's ``vector`` column (a writable copy)."""
+    col = table.column("vector").combine_chunks()
+    flat = pc.list_flatten(col).to_numpy(zero_copy_only=False)
+    if flat.size != table.num_rows * dim:
+        raise StoreError(f"space table holds {flat.size} floats for {table.num_rows} rows of dim {dim}")
+    return np.array(flat.reshape(-1, dim), dtype=np.float32, copy=True)
+
+
+def _empty_frame(sch: pa.Schema) -> pd.DataFrame:
+    return sch.empty_table().to_pandas()
 
 
 class Store:
-    """A store directory.  ``Store.open`` for an existing one, ``Store.create`` for a new one."""
+    """A store directory.  ``Store.open`` reads the published version; ``open(write=True)``, ``create`` and
+    ``open_or_create`` also take the writer lock (released by ``close`` or at the end of a ``with`` block)."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], images: pd.DataFrame, errors: pd.DataFrame):
+    def __init__(self, path: Path, manifest: dict[str, Any], lock: WriterLock | None = None):
         self.path = path
         self.manifest = manifest
-        self.images = images
-        self.errors = errors
-        self._spaces: dict[str, Space] = {}
-        self._dirty_spaces: set[str] = set()
-        self._dropped_spaces: set[str] = set()
+        self._lock = lock
+        self._images: pd.DataFrame | None = None  # committed rows, read on first use
+        self._errors_log: pd.DataFrame | None = None
+        self._spaces: dict[str, Space] = {}  # committed spaces loaded in memory (reads only)
+        self._search: dict[str, vectors.SearchIndex] = {}
+        self._sparsity: pd.DataFrame | None = None
+        self._sparsity_ids: dict[str, set[str]] = {}
+        self._committed_fids: np.ndarray | None = None
+        self._reset_pending()
+
+    def _reset_pending(self) -> None:
+        self._new_images: list[pd.DataFrame] = []
+        self._new_vectors: dict[str, list[np.ndarray]] = {}
+        self._new_errors: list[pd.DataFrame] = []
+        self._relabelled: pd.DataFrame | None = None
+        self._replaced: dict[str, Space] = {}
+        self._dropped: set[str] = set()
+        self._new_sparsity: list[pd.DataFrame] = []
+        self._dropped_sparsity: set[str] = set()
         self._dirty = False
-        self._indexes: dict[str, faiss.Index] = {}
-        self._sparsity: pd.DataFrame | None = None  # loaded on first use: it is the largest table
-        self._sparsity_dirty = False
 
     # ----------------------------------------------------------------- opening
     @classmethod
-    def create(cls, path: str | os.PathLike[str], encoder: Mapping[str, Any]) -> Store:
-        """A new, empty store (nothing is written until ``commit``)."""
+    def create(cls, path: str | os.PathLike[str], encoder: Mapping[str, Any], *, wait: bool = False,
+               _lock: WriterLock | None = None) -> Store:
+        """A new, empty store, locked for writing (nothing is published until ``commit``)."""
         path = Path(path)
-        if (path / schema.MANIFEST).exists():
-            raise StoreError(f"{path}: a store already exists here")
         if path.exists() and not path.is_dir():
             raise StoreError(f"{path}: exists and is not a directory")
+        lock = _lock or cls._take_lock(path, wait)
+        if (path / schema.MANIFEST).exists():
+            lock.release()
+            raise StoreError(f"{path}: a store already exists here")
+        if "dim" not in encoder or "name" not in encoder:
+            lock.release()
+            raise StoreError(f"{path}: encoder description lacks name/dim")
         now = utcnow().isoformat()
         manifest: dict[str, Any] = {
             "schema_version": schema.SCHEMA_VERSION,
+            "version": 0,
             "created_at": now,
             "updated_at": now,
             "encoder": dict(encoder),
+            "tables": {},
             "spaces": {},
             "models": {},
+            "sparsity": {},
             "counts": {},
             "parameters": {},
             "runs": [],
             "versions": library_versions(),
         }
-        images = pa.Table.from_pylist([], schema=schema.IMAGE_SCHEMA).to_pandas()
-        errors = pa.Table.from_pylist([], schema=schema.ERROR_SCHEMA).to_pandas()
-        store = cls(path, manifest, images, errors)
-        store._spaces[schema.ENCODER_SPACE] = Space(
-            schema.ENCODER_SPACE, [], np.zeros((0, int(encoder["dim"])), np.float32), {"kind": "encoder"}
-        )
-        store._dirty_spaces.add(schema.ENCODER_SPACE)
+        store = cls(path, manifest, lock)
+        store._images = _empty_frame(schema.IMAGE_SCHEMA)
+        store._errors_log = _empty_frame(schema.ERROR_SCHEMA)
+        store._sparsity = _empty_frame(schema.SPARSITY_SCHEMA)
+        store._replaced[schema.ENCODER_SPACE] = Space(
+            schema.ENCODER_SPACE, [], np.zeros((0, int(encoder["dim"])), np.float32), {"kind": "encoder"})
         store._dirty = True
         return store
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> Store:
-        """Open an existing store, repairing a commit that a killed run left half done."""
+    def open(cls, path: str | os.PathLike[str], *, write: bool = False, wait: bool = False,
+             _lock: WriterLock | None = None) -> Store:
+        """The store's published version; with ``write`` also the writer lock (``wait`` for it if held)."""
         path = Path(path)
-        manifest_path = path / schema.MANIFEST
         if not path.exists():
             raise StoreError(f"{path}: no such store")
-        if not manifest_path.is_file():
+        if not (path / schema.MANIFEST).is_file():
             raise StoreError(f"{path}: not a Mammals Space store (no {schema.MANIFEST})")
+        lock = _lock or (cls._take_lock(path, wait) if write else None)
         try:
-            manifest = json.loads(manifest_path.read_text("utf-8"))
-            version = int(manifest["schema_version"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise StoreError(f"{manifest_path}: unreadable manifest ({e.__class__.__name__}: {e})") from None
-        if version > schema.SCHEMA_VERSION:
-            raise StoreError(
-                f"{path}: store schema version {version} is newer than this Mammals Space understands "
-                f"({schema.SCHEMA_VERSION}); upgrade mammals-space"
-            )
-        try:
-            images = pq.read_table(path / schema.IMAGES).to_pandas() if (path / schema.IMAGES).exists() else None
-            errors = pq.read_table(path / schema.ERRORS).to_pandas() if (path / schema.ERRORS).exists() else None
-        except (OSError, pa.ArrowException) as e:
-            raise StoreError(f"{path}: unreadable table ({e})") from None
-        if images is None:
-            images = pa.Table.from_pylist([], schema=schema.IMAGE_SCHEMA).to_pandas()
-        if errors is None:
-            errors = pa.Table.from_pylist([], schema=schema.ERROR_SCHEMA).to_pandas()
-        store = cls(path, manifest, images, errors)
-        store._repair()
+            manifest = read_manifest(path)
+            store = cls(path, manifest, lock)
+            if lock is not None:
+                store._prepare_for_writing()
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
         return store
 
     @classmethod
-    def open_or_create(cls, path: str | os.PathLike[str], encoder: Mapping[str, Any]) -> Store:
+    def open_or_create(cls, path: str | os.PathLike[str], encoder: Mapping[str, Any], *, wait: bool = False
+                       ) -> Store:
+        """Open for writing (checking the encoder), or create when there is no store yet.
+
+        The lock is taken first: two runs racing to create one store then both find the one the first made."""
         path = Path(path)
-        if (path / schema.MANIFEST).exists():
-            store = cls.open(path)
+        if path.exists() and not path.is_dir():
+            raise StoreError(f"{path}: exists and is not a directory")
+        lock = cls._take_lock(path, wait)
+        if not (path / schema.MANIFEST).exists():
+            return cls.create(path, encoder, _lock=lock)
+        store = cls.open(path, _lock=lock)
+        try:
             store.check_encoder(encoder)
-            return store
-        return cls.create(path, encoder)
+        except StoreError:
+            store.close()
+            raise
+        return store
+
+    @staticmethod
+    def _take_lock(path: Path, wait: bool) -> WriterLock:
+        lock = WriterLock(path)
+        try:
+            lock.acquire(wait=wait)
+        except StoreLockedError as e:
+            raise StoreError(str(e)) from None
+        except OSError as e:
+            raise StoreError(f"{path}: cannot take the writer lock ({e.strerror or e})") from None
+        return lock
+
+    def close(self) -> None:
+        """Release the writer lock (uncommitted changes are dropped)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    @property
+    def writable(self) -> bool:
+        return self._lock is not None and self._lock.held
+
+    def _require_writer(self) -> None:
+        if not self.writable:
+            raise StoreError(f"{self.path}: opened read-only (Store.open(..., write=True) takes the writer lock)")
+
+    def _prepare_for_writing(self) -> None:
+        """Under the lock: undo what a killed commit left, so the next commit starts from the published version."""
+        removed = remove_stale_temp_files(self.path)
+        if removed:
+            log.warning("%s: removed %d temp file(s) left by an interrupted run", self.path, removed)
+        self._roll_back_unpublished()
+
+    def _roll_back_unpublished(self) -> None:
+        for rel, version in self._table_versions().items():
+            path = self.path / rel
+            latest = tables.latest_version(path)
+            if latest is not None and latest > version:
+                log.warning("%s: rolling back an unpublished commit (Delta version %d -> %d)", path, latest, version)
+                tables.restore(path, version)
+
+    def _table_versions(self) -> dict[str, int]:
+        """Relative table path -> the Delta version the published manifest names."""
+        out = {rel: int(t["version"]) for rel, t in self.manifest.get("tables", {}).items()}
+        for sp in self.manifest.get("spaces", {}).values():
+            out[sp["table"]] = int(sp["table_version"])
+        return out
 
     def check_encoder(self, encoder: Mapping[str, Any]) -> None:
         """Refuse to mix vectors of two encoders (or two checkpoints of one) in one space."""
-        mine = self.manifest["encoder"]
+        mine = self.encoder
         if encoder["name"] != mine["name"]:
             raise StoreError(
                 f"{self.path}: the store was built with encoder {mine['name']!r}, not {encoder['name']!r} "
@@ -218,150 +299,225 @@ class Store:
                 f"(sha256 {str(encoder.get('weights_sha256'))[:12]}… vs {str(mine.get('weights_sha256'))[:12]}…)"
             )
 
-    def _repair(self) -> None:
-        removed = remove_stale_temp_files(self.path)
-        if removed:
-            log.warning("%s: removed %d temp file(s) left by an interrupted run", self.path, removed)
-        image_ids = self.images["id"].tolist()
-        common = set(image_ids)
-        # Only the id columns are read here: opening a 100k-image store must not load every space's vectors.
-        space_ids: dict[str, list[str]] = {}
-        for name in self.space_names():
-            try:
-                space_ids[name] = self._space_ids(name)
-            except StoreError:
-                log.warning("%s: space %r is unreadable; it will be recomputed", self.path, name)
-                self.drop_space(name)
-                continue
-            common &= set(space_ids[name])
-        if len(common) == len(image_ids) and all(len(ids) == len(image_ids) for ids in space_ids.values()):
-            return
-        log.warning(
-            "%s: the last commit was interrupted; rolling back to the %d rows every table holds (the rest will be "
-            "indexed again)", self.path, len(common),
-        )
-        keep = self.images["id"].isin(common).to_numpy()
-        self.images = self.images[keep].reset_index(drop=True)
-        order = self.images["id"].tolist()
-        for name in self.space_names():
-            sp = self.space(name)
-            pos = {i: k for k, i in enumerate(sp.ids)}
-            rows = [pos[i] for i in order]
-            self._spaces[name] = Space(name, order, sp.vectors[rows], sp.meta)
-            self._dirty_spaces.add(name)
-        self._dirty = True
-
     # ----------------------------------------------------------------- reading
+    @property
+    def version(self) -> int:
+        """The published store version this object reads (every commit adds one)."""
+        return int(self.manifest.get("version", 0))
+
     @property
     def encoder(self) -> dict[str, Any]:
         return dict(self.manifest["encoder"])
 
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def known_ids(self) -> set[str]:
-        return set(self.images["id"])
-
-    def space_names(self) -> list[str]:
-        names = set(self.manifest.get("spaces", {})) | set(self._spaces)
-        return sorted(n for n in names if n not in self._dropped_spaces)
-
-    def space_meta(self, name: str) -> dict[str, Any]:
-        if name in self._spaces:
-            return dict(self._spaces[name].meta)
-        return dict(self.manifest.get("spaces", {}).get(name, {}))
-
-    def table_path(self, name: str) -> Path:
-        return self.path / schema.SPACES_DIR / f"{name}.parquet"
-
-    def index_path(self, name: str) -> Path:
-        return self.path / schema.SPACES_DIR / f"{name}.faiss"
-
-    def _space_ids(self, name: str) -> list[str]:
-        """A space's ids in row order, without reading its vectors when they are not loaded yet."""
-        if name in self._spaces:
-            return self._spaces[name].ids
+    def _read(self, rel: str, version: int, columns: list[str] | None = None,
+              filter_sql: str | None = None) -> pa.Table:
         try:
-            return pq.read_table(self.table_path(name), columns=["id"]).column("id").to_pylist()
-        except (OSError, pa.ArrowException, KeyError) as e:
-            raise StoreError(f"{self.table_path(name)}: unreadable ({e})") from None
-
-    def space(self, name: str) -> Space:
-        if name in self._dropped_spaces or name not in self.space_names():
-            raise StoreError(f"{self.path}: no space {name!r} (spaces: {', '.join(self.space_names()) or 'none'})")
-        if name not in self._spaces:
-            try:
-                table = pq.read_table(self.table_path(name))
-            except (OSError, pa.ArrowException) as e:
-                raise StoreError(f"{self.table_path(name)}: unreadable ({e})") from None
-            meta = dict(self.manifest["spaces"].get(name, {}))
-            self._spaces[name] = Space(name, table.column("id").to_pylist(), _vectors_from_table(table), meta)
-        return self._spaces[name]
-
-    def faiss_index(self, name: str) -> faiss.Index:
-        """The space's FAISS index: read from disk when it is current, else rebuilt from the table."""
-        if name in self._dirty_spaces or not self.index_path(name).exists():
-            sp = self.space(name)
-            return build_faiss_index(sp.ids, sp.vectors)
-        # Read once per open store: a query loop (or a dashboard) must not re-read a large index per call.
-        if name not in self._indexes:
-            self._indexes[name] = faiss.read_index(str(self.index_path(name)))
-        return self._indexes[name]
+            return tables.read(self.path / rel, version, columns, filter_sql)
+        except tables.TableError as e:
+            raise StoreError(f"{e} — run `mammals verify {self.path} --repair`") from None
 
     @property
-    def sparsity_path(self) -> Path:
-        return self.path / schema.SPARSITY
+    def images(self) -> pd.DataFrame:
+        """One row per image (committed, then this writer's uncommitted rows)."""
+        if self._images is None:
+            t = self.manifest.get("tables", {}).get(schema.IMAGES)
+            self._images = (self._read(schema.IMAGES, int(t["version"])).to_pandas() if t
+                            else _empty_frame(schema.IMAGE_SCHEMA)).sort_values("seq", ignore_index=True)
+        base = self._relabelled if self._relabelled is not None else self._images
+        if not self._new_images:
+            return base
+        return pd.concat([base, *self._new_images], ignore_index=True) if len(base) else pd.concat(
+            self._new_images, ignore_index=True)
 
+    def image_ids(self) -> list[str]:
+        """Every image id (reads only the id column: cheap even at millions of rows)."""
+        if self._images is not None or self._relabelled is not None:
+            return self.images["id"].tolist()
+        t = self.manifest.get("tables", {}).get(schema.IMAGES)
+        ids: list[str] = []
+        if t:
+            table = self._read(schema.IMAGES, int(t["version"]), ["id", "seq"])
+            ids = table.column("id").take(pc.sort_indices(table.column("seq"))).to_pylist()
+        for df in self._new_images:
+            ids.extend(df["id"].tolist())
+        return ids
+
+    def __len__(self) -> int:
+        return int(self.manifest.get("counts", {}).get("images", 0)) + sum(len(d) for d in self._new_images)
+
+    def known_ids(self) -> set[str]:
+        return set(self.image_ids())
+
+    @property
+    def errors(self) -> pd.DataFrame:
+        """Files that could not be used: the latest reason per path, leaving out paths indexed since."""
+        if self._errors_log is None:
+            t = self.manifest.get("tables", {}).get(schema.ERRORS)
+            self._errors_log = (self._read(schema.ERRORS, int(t["version"])).to_pandas() if t
+                                else _empty_frame(schema.ERROR_SCHEMA))
+        log_ = pd.concat([self._errors_log, *self._new_errors], ignore_index=True) if self._new_errors \
+            else self._errors_log
+        latest = log_.drop_duplicates("path", keep="last")
+        return latest[~latest["resolved"].astype(bool)].reset_index(drop=True)
+
+    def space_names(self) -> list[str]:
+        names = (set(self.manifest.get("spaces", {})) | set(self._replaced)) - self._dropped
+        return sorted(names)
+
+    def space_meta(self, name: str) -> dict[str, Any]:
+        if name in self._replaced:
+            return dict(self._replaced[name].meta)
+        return dict(self.manifest.get("spaces", {}).get(name, {}))
+
+    def space_fingerprint(self, name: str) -> str:
+        """Changes whenever the rows of ``name`` change (a cache key that never needs the vectors)."""
+        if name in self._replaced or self._new_vectors.get(name):
+            return f"uncommitted:{uuid.uuid4().hex}"
+        meta = self.manifest.get("spaces", {}).get(name)
+        if meta is None:
+            raise StoreError(f"{self.path}: no space {name!r} (spaces: {', '.join(self.space_names()) or 'none'})")
+        return f"{meta['generation']}:{meta['table_version']}"
+
+    def space(self, name: str) -> Space:
+        """A whole space in memory (committed rows, then this writer's new ones)."""
+        if name not in self.space_names():
+            raise StoreError(f"{self.path}: no space {name!r} (spaces: {', '.join(self.space_names()) or 'none'})")
+        if name in self._replaced:
+            return self._replaced[name]
+        if name not in self._spaces:
+            meta = dict(self.manifest["spaces"][name])
+            table = self._committed_order(self._read(meta["table"], int(meta["table_version"])))
+            self._spaces[name] = Space(name, table.column("id").to_pylist(), vectors_of(table, int(meta["dim"])),
+                                       meta)
+        sp = self._spaces[name]
+        new = self._new_vectors.get(name)
+        if not new:
+            return sp
+        new_ids = [i for df in self._new_images for i in df["id"]]
+        return Space(name, sp.ids + new_ids, np.concatenate([sp.vectors, *new]), sp.meta)
+
+    def space_ids(self, name: str) -> list[str]:
+        """A space's ids without reading its vectors."""
+        if name in self._replaced or name in self._spaces:
+            return self.space(name).ids
+        meta = self.manifest.get("spaces", {}).get(name)
+        if meta is None:
+            raise StoreError(f"{self.path}: no space {name!r}")
+        ids = self._committed_order(self._read(meta["table"], int(meta["table_version"]), ["id"])
+                                    ).column("id").to_pylist()
+        for df in self._new_images if self._new_vectors.get(name) else []:
+            ids.extend(df["id"].tolist())
+        return ids
+
+    def _committed_order(self, table: pa.Table) -> pa.Table:
+        """A space's committed rows in the images' order (Delta returns parts in no particular order)."""
+        t = self.manifest.get("tables", {}).get(schema.IMAGES)
+        if not t or table.num_rows == 0:
+            return table
+        images = self._read(schema.IMAGES, int(t["version"]), ["id", "seq"])
+        rank = pd.Series(images.column("seq").to_numpy(), index=images.column("id").to_pandas())
+        seq = rank.reindex(table.column("id").to_pandas()).to_numpy()
+        return table.take(pa.array(np.argsort(seq, kind="stable")))
+
+    def index_dir(self, name: str) -> Path:
+        return self.path / schema.INDEXES_DIR / name
+
+    def vector_index(self, name: str, *, mmap: bool = False) -> vectors.SearchIndex:
+        """The space's published search index (opened once per store object)."""
+        if name in self._replaced or self._new_vectors.get(name):
+            raise StoreError(f"{self.path}: space {name!r} has uncommitted changes; commit before searching it")
+        if name not in self._search:
+            meta = self.manifest.get("spaces", {}).get(name)
+            if meta is None:
+                raise StoreError(f"{self.path}: no space {name!r} (spaces: {', '.join(self.space_names())})")
+            try:
+                self._search[name] = vectors.SearchIndex.open(self.index_dir(name), meta["index"], mmap=mmap)
+            except vectors.IndexFileError as e:
+                raise StoreError(f"{e} — run `mammals verify {self.path} --repair`") from None
+        return self._search[name]
+
+    def search(self, name: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, faiss ids) of the k nearest rows of ``name`` to each query row (cosine)."""
+        return self.vector_index(name).search(unit_rows(queries), k)
+
+    # ----------------------------------------------------------------- sparsity
     def sparsity(self) -> pd.DataFrame:
         """The long per-layer sparsity table (id, model, layer_index, layer_name, metric, value)."""
         if self._sparsity is None:
-            if self.sparsity_path.exists():
-                try:
-                    df = pq.read_table(self.sparsity_path).to_pandas()
-                except (OSError, pa.ArrowException) as e:
-                    raise StoreError(f"{self.sparsity_path}: unreadable ({e})") from None
-                # Rows of images that a rolled-back commit removed are not part of the store.
-                self._sparsity = df[df["id"].isin(set(self.images["id"]))].reset_index(drop=True)
-            else:
-                self._sparsity = pd.DataFrame(columns=list(schema.SPARSITY_SCHEMA.names))
-        return self._sparsity
+            t = self.manifest.get("tables", {}).get(schema.SPARSITY)
+            self._sparsity = (self._read(schema.SPARSITY, int(t["version"])).to_pandas() if t
+                              else _empty_frame(schema.SPARSITY_SCHEMA))
+            self._sparsity = self._sparsity[list(schema.SPARSITY_SCHEMA.names)]
+        base = self._sparsity
+        if self._dropped_sparsity:
+            base = base[~base["model"].isin(self._dropped_sparsity)]
+        if self._new_sparsity:
+            base = pd.concat([base, *self._new_sparsity], ignore_index=True) if len(base) else pd.concat(
+                self._new_sparsity, ignore_index=True)
+        return base.reset_index(drop=True)
+
+    def sparsity_ids(self, model: str) -> set[str]:
+        """Ids with sparsity rows of ``model`` (reads one partition's id column only)."""
+        if model not in self._sparsity_ids:
+            t = self.manifest.get("tables", {}).get(schema.SPARSITY)
+            have: set[str] = set()
+            if t and model in self.manifest.get("sparsity", {}) and model not in self._dropped_sparsity:
+                col = self._read(schema.SPARSITY, int(t["version"]), ["id"], f"model = '{model}'").column("id")
+                have = set(pc.unique(col).to_pylist())
+            self._sparsity_ids[model] = have
+        pending = {i for df in self._new_sparsity for i in df.loc[df["model"] == model, "id"]}
+        return self._sparsity_ids[model] | pending
 
     def sparsity_models(self) -> dict[str, dict[str, Any]]:
         """Per model whose sparsity is recorded: the model hash and threshold the rows were computed with."""
         return dict(self.manifest.get("sparsity", {}))
 
     def add_sparsity(self, rows: pd.DataFrame, model: str, info: Mapping[str, Any]) -> None:
-        """Append sparsity rows of one model (computed under ``info``: model hash, threshold, layers)."""
-        current = self.sparsity()
-        self._sparsity = pd.concat([current, rows], ignore_index=True) if len(current) else rows.copy()
+        """Append sparsity rows of one model; rows of an (id, model) already recorded are not added twice."""
+        self._require_writer()
+        rows = rows.drop_duplicates(["id", "model", "layer_index", "metric"], keep="first")
+        have = self.sparsity_ids(model)
+        rows = rows[~rows["id"].isin(have)].reset_index(drop=True)
+        if len(rows):
+            self._new_sparsity.append(rows[list(schema.SPARSITY_SCHEMA.names)].copy())
         self.manifest.setdefault("sparsity", {})[model] = dict(info)
-        self._sparsity_dirty = True
         self._dirty = True
 
     def drop_sparsity(self, model: str) -> None:
-        current = self.sparsity()
-        self._sparsity = current[current["model"] != model].reset_index(drop=True)
+        self._require_writer()
+        self._dropped_sparsity.add(model)
+        self._new_sparsity = [df[df["model"] != model] for df in self._new_sparsity]
+        self._sparsity_ids.pop(model, None)
         self.manifest.setdefault("sparsity", {}).pop(model, None)
-        self._sparsity_dirty = True
         self._dirty = True
 
     # ----------------------------------------------------------------- writing
-    def add_images(self, rows: pd.DataFrame, vectors: Mapping[str, np.ndarray]) -> None:
-        """Append image rows and their vectors in every space named in ``vectors`` (same row order)."""
+    def add_images(self, rows: pd.DataFrame, vecs: Mapping[str, np.ndarray]) -> None:
+        """Append image rows and their vectors in every space named in ``vecs`` (same row order)."""
+        self._require_writer()
         if rows.empty:
             return
         ids = rows["id"].tolist()
-        if set(vectors) != set(self.space_names()):
-            raise ValueError(f"add_images needs vectors for spaces {self.space_names()}, got {sorted(vectors)}")
-        for name, mat in vectors.items():
+        if len(set(ids)) != len(ids):
+            raise ValueError("add_images: duplicate ids in one call")
+        if set(vecs) != set(self.space_names()):
+            raise ValueError(f"add_images needs vectors for spaces {self.space_names()}, got {sorted(vecs)}")
+        dims = {n: int(self.space_meta(n).get("dim") or self.space(n).dim) for n in vecs}
+        for name, mat in vecs.items():
             if len(mat) != len(ids):
                 raise ValueError(f"space {name}: {len(mat)} vectors for {len(ids)} rows")
-            sp = self.space(name)
-            self._spaces[name] = Space(name, sp.ids + ids, np.concatenate([sp.vectors, mat.astype(np.float32)]),
-                                       sp.meta)
-            self._dirty_spaces.add(name)
-        self.images = pd.concat([self.images, rows], ignore_index=True) if len(self.images) else rows.copy()
-        self.errors = self.errors[~self.errors["path"].isin(rows["path"])].reset_index(drop=True)
+            if mat.ndim != 2 or mat.shape[1] != dims[name]:
+                raise ValueError(f"space {name}: vectors of dim {mat.shape[1:]} for a space of dim {dims[name]}")
+        for name, mat in vecs.items():
+            if name in self._replaced:
+                sp = self._replaced[name]
+                self._replaced[name] = Space(name, sp.ids + ids, np.concatenate([sp.vectors, mat.astype(np.float32)]),
+                                             sp.meta)
+            else:
+                self._new_vectors.setdefault(name, []).append(np.ascontiguousarray(mat, dtype=np.float32))
+        rows = rows.reset_index(drop=True).copy()
+        rows["seq"] = np.arange(len(self), len(self) + len(rows), dtype=np.int64)
+        self._new_images.append(rows)
         self._dirty = True
 
     def set_labels(self, labels: pd.DataFrame) -> int:
@@ -369,14 +525,17 @@ class Store:
 
         A value present in ``labels`` replaces the image's earlier value of that column; a missing one keeps it.
         ``species`` and ``breed`` only fill images that have none (as when indexing), and the schema's other
-        columns (ids, paths, sizes) are never touched.  Returns how many images changed.
+        columns (ids, paths, sizes) are never touched.  Returns how many images changed.  The images table is
+        rewritten (one Delta overwrite): relabelling is rare and touches every row's label columns.
         """
+        self._require_writer()
         labels = labels[~labels.index.duplicated(keep="first")]
-        hit = self.images["id"].isin(labels.index).to_numpy()
+        images = self.images
+        hit = images["id"].isin(labels.index).to_numpy()
         if not hit.any():
             return 0
-        rows = labels.reindex(self.images.loc[hit, "id"])
-        images = self.images.copy()
+        rows = labels.reindex(images.loc[hit, "id"])
+        images = images.copy()
         changed = np.zeros(len(images), dtype=bool)
         for col in labels.columns:
             if col in schema.IMAGE_COLUMNS and col not in ("species", "breed"):
@@ -400,103 +559,351 @@ class Store:
             changed[where] = True
         n = int(changed.sum())
         if n:
-            self.images = images
+            self._relabelled = images
+            self._new_images = []
             self._dirty = True
         return n
 
     def set_errors(self, errors: Iterable[Mapping[str, Any]]) -> None:
-        """Record (or replace, by path) files that could not be used."""
+        """Record files that could not be used (a later record of the same path replaces the earlier one)."""
+        self._require_writer()
         new = pd.DataFrame(list(errors), columns=list(schema.ERROR_SCHEMA.names))
         if new.empty:
             return
-        new["seen_at"] = pd.to_datetime(new["seen_at"], utc=True)
-        kept = self.errors[~self.errors["path"].isin(new["path"])]
-        self.errors = pd.concat([kept, new], ignore_index=True) if len(kept) else new
+        new["seen_at"] = pd.to_datetime(new["seen_at"], utc=True).astype("datetime64[us, UTC]")
+        new["resolved"] = new["resolved"].fillna(False).astype(bool)
+        self._new_errors.append(new)
         self._dirty = True
 
-    def set_space(self, name: str, ids: list[str], vectors: np.ndarray, meta: Mapping[str, Any]) -> None:
-        """Replace a whole space (e.g. after retraining the model that produces it)."""
-        if ids != self.images["id"].tolist():
-            raise ValueError(f"space {name}: ids must match images.parquet row for row")
-        self._spaces[name] = Space(name, list(ids), np.ascontiguousarray(vectors, dtype=np.float32), dict(meta))
-        self._dirty_spaces.add(name)
-        self._dropped_spaces.discard(name)
+    def _resolve_errors(self, paths: pd.Series) -> None:
+        """Paths indexed now that were errors before get a ``resolved`` record (the log is never rewritten)."""
+        current = self.errors
+        fixed = current[current["path"].isin(set(paths))]
+        if len(fixed):
+            self.set_errors({"path": p, "reason": "indexed", "dataset": d, "seen_at": utcnow(), "resolved": True}
+                            for p, d in zip(fixed["path"], fixed["dataset"], strict=True))
+
+    def set_space(self, name: str, ids: list[str], vecs: np.ndarray, meta: Mapping[str, Any]) -> None:
+        """Replace a whole space (e.g. after retraining the model that produces it).
+
+        ``ids`` are the images the space covers, every image or a subset: an image whose photo could not be read
+        again is left out (and listed under ``missing`` in the space's metadata), never given a made-up vector.
+        """
+        self._require_writer()
+        known = set(self.image_ids())
+        if len(set(ids)) != len(ids) or not set(ids) <= known:
+            raise ValueError(f"space {name}: ids must be distinct ids of indexed images")
+        missing = len(known) - len(ids)
+        meta = {**meta, "missing": missing} if missing else {k: v for k, v in meta.items() if k != "missing"}
+        self._replaced[name] = Space(name, list(ids), np.ascontiguousarray(vecs, dtype=np.float32), dict(meta))
+        self._new_vectors.pop(name, None)
+        self._spaces.pop(name, None)
+        self._dropped.discard(name)
         self._dirty = True
 
     def drop_space(self, name: str) -> None:
+        self._require_writer()
+        self._replaced.pop(name, None)
+        self._new_vectors.pop(name, None)
         self._spaces.pop(name, None)
-        self._dropped_spaces.add(name)
-        self._dirty_spaces.discard(name)
+        self._dropped.add(name)
         self._dirty = True
 
     def commit(self, *, parameters: Mapping[str, Any] | None = None, run: Mapping[str, Any] | None = None) -> None:
-        """Write every changed table, then the indexes, then swap the manifest in last."""
+        """Write what changed as new files, then publish the next version by replacing the manifest."""
+        self._require_writer()
+        m = json.loads(json.dumps(self.manifest, default=str))  # the next version, built beside the current one
+        m.setdefault("tables", {})
         self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / schema.SPACES_DIR).mkdir(exist_ok=True)
-        spaces_meta = dict(self.manifest.get("spaces", {}))
-        # Spaces before images: on a crash the longer tables are the spaces, and _repair trims them.
-        for name in sorted(self._dirty_spaces):
-            sp = self._spaces[name]
-            write_table(self.table_path(name), space_table(sp.ids, sp.vectors))
-            write_index(self.index_path(name), build_faiss_index(sp.ids, sp.vectors))
-            spaces_meta[name] = {
-                **sp.meta,
-                "dim": sp.dim,
-                "count": len(sp.ids),
-                "metric": "cosine (inner product of L2-normalised vectors)",
-                "table": f"{schema.SPACES_DIR}/{name}.parquet",
-                "index": f"{schema.SPACES_DIR}/{name}.faiss",
-                "index_type": "IndexIDMap2(IndexFlatIP)",
-            }
-        for name in self._dropped_spaces:
-            spaces_meta.pop(name, None)
-        if self._sparsity_dirty and self._sparsity is not None:
-            write_table(self.sparsity_path, pa.Table.from_pandas(self._sparsity, schema=schema.SPARSITY_SCHEMA,
-                                                                 preserve_index=False))
-        write_table(self.path / schema.IMAGES, self._images_table())
-        write_table(self.path / schema.ERRORS,
-                    pa.Table.from_pandas(self.errors, schema=schema.ERROR_SCHEMA, preserve_index=False))
+        _failpoint("commit:start")
+        new_rows = pd.concat(self._new_images, ignore_index=True) if self._new_images else None
+        if new_rows is not None:
+            self._check_new_ids(new_rows["id"])
+            self._resolve_errors(new_rows["path"])
+        for name in self.space_names():
+            if name in self._replaced:
+                m["spaces"][name] = self._write_replaced_space(self._replaced[name])
+            elif self._new_vectors.get(name):
+                assert new_rows is not None
+                m["spaces"][name] = self._append_space(name, m["spaces"][name], new_rows["id"].tolist(),
+                                                       np.concatenate(self._new_vectors[name]))
+        for name in self._dropped:
+            m["spaces"].pop(name, None)
+        _failpoint("commit:spaces")
+        if self._dropped_sparsity or self._new_sparsity:
+            m["tables"][schema.SPARSITY] = {"version": self._write_sparsity(m["tables"].get(schema.SPARSITY))}
+        _failpoint("commit:sparsity")
+        if self._new_errors:
+            errors = pa.Table.from_pandas(pd.concat(self._new_errors, ignore_index=True),
+                                          schema=schema.ERROR_SCHEMA, preserve_index=False)
+            m["tables"][schema.ERRORS] = {"version": self._append_or_create(schema.ERRORS, errors)}
+        _failpoint("commit:errors")
+        if self._relabelled is not None:
+            images = self.images
+            version = tables.overwrite(self.path / schema.IMAGES, _images_table(images))
+            m["tables"][schema.IMAGES] = {"version": version}
+            m["counts"] = counts_of(images, n_errors=0)
+        elif new_rows is not None:
+            version = self._append_or_create(schema.IMAGES, _images_table(new_rows))
+            m["tables"][schema.IMAGES] = {"version": version}
+            m["counts"] = add_counts(m.get("counts") or {}, new_rows)
+        elif schema.IMAGES not in m["tables"]:
+            m["tables"][schema.IMAGES] = {"version": tables.create(self.path / schema.IMAGES, schema.IMAGE_SCHEMA)}
+            m["counts"] = counts_of(_empty_frame(schema.IMAGE_SCHEMA), n_errors=0)
+        _failpoint("commit:images")
+        self._publish(m, parameters, run)
+        _failpoint("commit:published")
+        self._after_publish()
 
-        m = self.manifest
-        m["spaces"] = spaces_meta
-        m["updated_at"] = utcnow().isoformat()
+    def _publish(self, m: dict[str, Any], parameters: Mapping[str, Any] | None,
+                 run: Mapping[str, Any] | None) -> None:
+        m["version"] = int(m.get("version", 0)) + 1
+        m["schema_version"] = schema.SCHEMA_VERSION
+        m["updated_at"] = dt.datetime.now(dt.UTC).isoformat()
         m["versions"] = library_versions()
-        m["counts"] = self.counts()
+        if self._new_errors:
+            m.setdefault("counts", {})["errors"] = len(self.errors)
         if parameters is not None:
             m["parameters"] = dict(parameters)
         if run is not None:
             m["runs"] = [*m.get("runs", []), dict(run)][-50:]  # the last 50 runs: enough history, bounded size
         atomic_write_json(self.path / schema.MANIFEST, m)
-        # Dropped spaces' files go only after the manifest no longer names them.
-        for name in self._dropped_spaces:
-            self.table_path(name).unlink(missing_ok=True)
-            self.index_path(name).unlink(missing_ok=True)
-        self._dropped_spaces.clear()
-        self._dirty_spaces.clear()
-        self._indexes.clear()
-        self._sparsity_dirty = False
-        self._dirty = False
+        self.manifest = m
 
-    def _images_table(self) -> pa.Table:
-        df = self.images
-        base = pa.Table.from_pandas(df[list(schema.IMAGE_COLUMNS)], schema=schema.IMAGE_SCHEMA,
-                                    preserve_index=False)
-        for col in df.columns:
-            if col not in schema.IMAGE_COLUMNS:
-                base = base.append_column(col, pa.Array.from_pandas(df[col]))
-        return base
+    def _after_publish(self) -> None:
+        """Forget pending changes (they are published) and drop caches that the new version outdates."""
+        if self._new_images or self._relabelled is not None:
+            self._images = None  # read again at the new version when needed
+            if self._committed_fids is not None and self._relabelled is None:
+                new = [schema.faiss_id_of(i) for df in self._new_images for i in df["id"]]
+                self._committed_fids = np.concatenate([self._committed_fids, np.array(new, np.int64)])
+        if self._new_errors:
+            self._errors_log = None
+        if self._new_sparsity or self._dropped_sparsity:
+            self._sparsity = None
+            self._sparsity_ids = {}
+        for name in [*self._replaced, *self._dropped, *self._new_vectors]:
+            self._spaces.pop(name, None)
+            self._search.pop(name, None)
+        self._reset_pending()
+        self.collect_garbage()
 
-    def counts(self) -> dict[str, Any]:
-        df = self.images
-        species = df["species"].fillna("unknown")
-        by_breed: dict[str, dict[str, int]] = {}
-        pairs = zip(species, df["breed"].fillna("unknown"), strict=True)
-        for (sp, br), n in sorted(Counter(pairs).items()):
-            by_breed.setdefault(str(sp), {})[str(br)] = n
+    def _check_new_ids(self, ids: pd.Series) -> None:
+        """Ids are unique in a store: the faiss ids (int64) of the committed rows are read, not the strings."""
+        t = self.manifest.get("tables", {}).get(schema.IMAGES)
+        if not t:
+            return
+        if self._committed_fids is None:  # read once per writer, then extended by each commit
+            col = self._read(schema.IMAGES, int(t["version"]), ["faiss_id"]).column("faiss_id")
+            self._committed_fids = col.to_numpy()
+        new = np.array([schema.faiss_id_of(i) for i in ids], np.int64)
+        clash = np.isin(new, self._committed_fids)
+        if clash.any():
+            raise ValueError(f"add_images: {int(clash.sum())} id(s) already in the store, e.g. "
+                             f"{ids.to_numpy()[clash][0]}")
+
+    def _append_or_create(self, rel: str, table: pa.Table, partition_by: list[str] | None = None) -> int:
+        path = self.path / rel
+        if rel not in self.manifest.get("tables", {}) and tables.exists(path):
+            # A table a killed first commit left behind: nobody has ever read it.
+            return tables.overwrite(path, table, partition_by)
+        return tables.append(path, table, partition_by)
+
+    def _write_sparsity(self, current: Mapping[str, Any] | None) -> int:
+        path = self.path / schema.SPARSITY
+        new = (pa.Table.from_pandas(pd.concat(self._new_sparsity, ignore_index=True), schema=schema.SPARSITY_SCHEMA,
+                                    preserve_index=False) if self._new_sparsity else None)
+        if current is None:
+            return tables.overwrite(path, new if new is not None else schema.SPARSITY_SCHEMA.empty_table(),
+                                    ["model"]) if tables.exists(path) else self._create_sparsity(path, new)
+        version = int(current["version"])
+        for model in sorted(self._dropped_sparsity):
+            version = tables.delete(path, f"model = '{model}'")
+        if new is not None and new.num_rows:
+            version = tables.append(path, new, ["model"])
+        return version
+
+    @staticmethod
+    def _create_sparsity(path: Path, new: pa.Table | None) -> int:
+        tables.create(path, schema.SPARSITY_SCHEMA, ["model"])
+        return tables.append(path, new, ["model"]) if new is not None and new.num_rows else 0
+
+    def _index_kind(self) -> str:
+        return str(self.manifest.get("parameters", {}).get("index") or "auto")
+
+    def _write_replaced_space(self, sp: Space) -> dict[str, Any]:
+        rel = f"{schema.SPACES_DIR}/{sp.name}"
+        path = self.path / rel
+        table = space_table(sp.ids, sp.vectors)
+        version = tables.overwrite(path, table) if tables.exists(path) else self._create_space(path, table)
+        _failpoint("commit:space-table")
+        fids = np.array([schema.faiss_id_of(i) for i in sp.ids], np.int64)
+        entry = vectors.build(self.index_dir(sp.name), fids, sp.vectors, kind=self._index_kind())
+        _failpoint("commit:space-index")
+        return self._space_meta(sp.name, sp.meta, sp.dim, len(sp.ids), version, entry, uuid.uuid4().hex)
+
+    @staticmethod
+    def _create_space(path: Path, table: pa.Table) -> int:
+        tables.create(path, schema.SPACE_SCHEMA)
+        return tables.append(path, table) if table.num_rows else 0
+
+    def _append_space(self, name: str, meta: Mapping[str, Any], ids: list[str], mat: np.ndarray) -> dict[str, Any]:
+        version = tables.append(self.path / meta["table"], space_table(ids, mat))
+        _failpoint("commit:space-table")
+        fids = np.array([schema.faiss_id_of(i) for i in ids], np.int64)
+        entry = vectors.append_rows(self.index_dir(name), meta["index"], fids, mat, kind=self._index_kind(),
+                                    sample=self._sampler(name))
+        _failpoint("commit:space-index")
+        return self._space_meta(name, meta, int(meta["dim"]), int(meta["count"]) + len(ids), version, entry,
+                                str(meta["generation"]))
+
+    def _sampler(self, name: str) -> Callable[[int], np.ndarray]:
+        return lambda n: self._sample_vectors(name, n)
+
+    def _sample_vectors(self, name: str, n: int) -> np.ndarray:
+        """Up to ``n`` committed vectors of a space, spread over its parts (to train an approximate index)."""
+        meta = self.manifest["spaces"][name]
+        dt_ = tables.read(self.path / meta["table"], int(meta["table_version"]), ["vector"])
+        step = max(1, dt_.num_rows // max(n, 1))
+        return vectors_of(dt_.take(pa.array(np.arange(0, dt_.num_rows, step)[:n])), int(meta["dim"]))
+
+    @staticmethod
+    def _space_meta(name: str, meta: Mapping[str, Any], dim: int, count: int, version: int,
+                    entry: Mapping[str, Any], generation: str) -> dict[str, Any]:
+        keep = {k: v for k, v in meta.items() if k not in ("index", "index_type")}
         return {
-            "images": len(df),
-            "errors": len(self.errors),
-            "by_species": {str(k): int(v) for k, v in species.value_counts().sort_index().items()},
-            "by_breed": by_breed,
-            "label_columns": [c for c in df.columns if c not in schema.IMAGE_COLUMNS],
+            **keep,
+            "dim": dim,
+            "count": count,
+            "metric": "cosine (inner product of L2-normalised vectors)",
+            "table": f"{schema.SPACES_DIR}/{name}",
+            "table_version": version,
+            "generation": generation,
+            "index_dir": f"{schema.INDEXES_DIR}/{name}",
+            "index": dict(entry),
+            "index_type": str(entry.get("kind", "")),
         }
+
+    # ----------------------------------------------------------------- maintenance
+    def optimize(self, *, kind: str | None = None) -> list[str]:
+        """Merge index segments / switch big spaces to an approximate index, as its own published version.
+
+        Kept out of ``commit`` so that an append's cost never depends on the store's size; ``mammals index``
+        calls it once at the end of a run.  Returns the spaces whose index changed.
+        """
+        self._require_writer()
+        if self._dirty:
+            raise StoreError(f"{self.path}: commit before optimize")
+        m = json.loads(json.dumps(self.manifest, default=str))
+        changed = []
+        for name, meta in m.get("spaces", {}).items():
+            entry = vectors.optimize(self.index_dir(name), meta["index"], kind=kind or self._index_kind(),
+                                     sample=self._sampler(name))
+            if entry != meta["index"]:
+                meta["index"] = dict(entry)
+                meta["index_type"] = str(entry.get("kind", ""))
+                changed.append(name)
+        if changed:
+            self._publish(m, None, None)
+            for name in changed:
+                self._search.pop(name, None)
+            self.collect_garbage()
+        return changed
+
+    def collect_garbage(self, *, keep_seconds: float | None = None) -> int:
+        """Remove files that no published version names any longer, once they are ``keep_seconds`` old."""
+        if not self.writable:
+            return 0
+        keep = defaults.KEEP_OLD_FILES_SECONDS if keep_seconds is None else keep_seconds
+        now = time.time()
+        removed = 0
+        referenced: dict[Path, set[str]] = {}
+        for name, meta in self.manifest.get("spaces", {}).items():
+            referenced[self.index_dir(name)] = set(vectors.entry_files(meta["index"]))
+        root = self.path / schema.INDEXES_DIR
+        if root.is_dir():
+            for d in root.iterdir():
+                if not d.is_dir():
+                    continue
+                names = referenced.get(d, set())
+                for f in d.iterdir():
+                    if f.name not in names and now - f.stat().st_mtime > keep:
+                        f.unlink(missing_ok=True)
+                        removed += 1
+        if self.version % defaults.VACUUM_EVERY_VERSIONS == 0:
+            for rel in self._table_versions():
+                tables.checkpoint(self.path / rel)  # readers then load one checkpoint, not every log entry
+                removed += tables.vacuum(self.path / rel, keep)
+        return removed
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The published manifest, checked for what every reader needs (one clear line when it lacks it)."""
+    manifest_path = path / schema.MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text("utf-8"))
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+        version = int(manifest["schema_version"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise StoreError(f"{manifest_path}: unreadable manifest ({e.__class__.__name__}: {e})") from None
+    if version > schema.SCHEMA_VERSION:
+        raise StoreError(f"{path}: store schema version {version} is newer than this Mammals Space understands "
+                         f"({schema.SCHEMA_VERSION}); upgrade mammals-space")
+    if version < schema.SCHEMA_VERSION:
+        raise StoreError(f"{path}: store schema version {version} was written by an older Mammals Space; "
+                         f"upgrade it in place with `mammals migrate {path}` (nothing is re-embedded)")
+    enc = manifest.get("encoder")
+    if not isinstance(enc, dict) or not {"name", "dim"} <= set(enc):
+        raise StoreError(f"{manifest_path}: manifest has no valid 'encoder' entry (name and dim)")
+    for key in ("spaces", "tables", "models", "counts", "parameters", "sparsity"):
+        if not isinstance(manifest.setdefault(key, {}), dict):
+            raise StoreError(f"{manifest_path}: manifest entry {key!r} is not an object")
+    for name, sp in manifest["spaces"].items():
+        if not isinstance(sp, dict) or not {"table", "table_version", "dim", "index", "count"} <= set(sp):
+            raise StoreError(f"{manifest_path}: space {name!r} lacks table/index entries")
+    return manifest
+
+
+def _images_table(df: pd.DataFrame) -> pa.Table:
+    base = pa.Table.from_pandas(df[list(schema.IMAGE_COLUMNS)].astype({"indexed_at": "datetime64[us, UTC]"}),
+                                schema=schema.IMAGE_SCHEMA, preserve_index=False)
+    for col in df.columns:
+        if col not in schema.IMAGE_COLUMNS:
+            base = base.append_column(col, pa.Array.from_pandas(df[col]))
+    return base
+
+
+def counts_of(df: pd.DataFrame, *, n_errors: int) -> dict[str, Any]:
+    """Images per species and breed (the manifest's ``counts``, shown by `mammals info`)."""
+    species = df["species"].fillna("unknown")
+    by_breed: dict[str, dict[str, int]] = {}
+    for (sp, br), n in sorted(Counter(zip(species, df["breed"].fillna("unknown"), strict=True)).items()):
+        by_breed.setdefault(str(sp), {})[str(br)] = n
+    return {
+        "images": len(df),
+        "errors": n_errors,
+        "by_species": {str(k): int(v) for k, v in species.value_counts().sort_index().items()},
+        "by_breed": by_breed,
+        "label_columns": [c for c in df.columns if c not in schema.IMAGE_COLUMNS],
+    }
+
+
+def add_counts(counts: Mapping[str, Any], new: pd.DataFrame) -> dict[str, Any]:
+    """``counts`` after appending ``new`` rows (a commit's cost must not depend on the store's size)."""
+    add = counts_of(new, n_errors=0)
+    by_species = Counter({k: int(v) for k, v in counts.get("by_species", {}).items()})
+    by_species.update(add["by_species"])
+    by_breed = {sp: dict(b) for sp, b in counts.get("by_breed", {}).items()}
+    for sp, breeds in add["by_breed"].items():
+        for br, n in breeds.items():
+            by_breed.setdefault(sp, {})[br] = by_breed.get(sp, {}).get(br, 0) + n
+    labels = list(counts.get("label_columns", []))
+    labels += [c for c in add["label_columns"] if c not in labels]
+    return {
+        "images": int(counts.get("images", 0)) + len(new),
+        "errors": int(counts.get("errors", 0)),
+        "by_species": dict(sorted(by_species.items())),
+        "by_breed": {sp: dict(sorted(b.items())) for sp, b in sorted(by_breed.items())},
+        "label_columns": labels,
+    }
