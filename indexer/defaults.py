@@ -32,9 +32,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".
 SHARED_PETS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pets"
 
 # --- Vector indexes (indexer/store/vectors.py) -----------------------------------------------------------------
-# Exact (flat) search while rows x dim stays under this: 100k rows at 1280-d (~10 ms a query on 2 cores),
-# 2M rows at 64-d; approximate (IVF) above it, after `optimize` converts the space.
-VECTOR_EXACT_MAX_CELLS = 100_000 * 1280
+# Exact (flat) search while rows x dim stays under this: 50k rows at 1280-d, 1M rows at 64-d.  Exact search
+# reads every vector per query (memory-bound: ~0.1 s at 100k x 1280 on this 2-core machine), so above this the
+# space becomes approximate (IVF) once `optimize` converts it.
+VECTOR_EXACT_MAX_CELLS = 50_000 * 1280
 # IVF lists: ~4 sqrt(rows), capped so that training at 1M rows stays well under a minute on 2 cores.
 VECTOR_NLIST_PER_SQRT_ROWS = 4.0
 VECTOR_NLIST_MAX = 2048
@@ -53,9 +54,11 @@ VECTOR_MERGE_FACTOR = 8
 VECTOR_MAX_SEGMENTS = 32
 # optimize() retrains an IVF whose rows grew this many times past the rows its lists were sized for.
 VECTOR_RETRAIN_GROWTH = 4.0
+# `mammals index` ends with index maintenance (Store.optimize) when a space has more segments than this (one per
+# commit), grew by a quarter since its quality was measured, or crossed the exact/approximate threshold.
+OPTIMIZE_AFTER_SEGMENTS = 8
 # Rows per in-memory chunk when (re)building an IVF from stored vectors (~0.5 GB at 1280-d).
 VECTOR_BUILD_CHUNK_ROWS = 100_000
 # Single-query latency is sampled for at most this many seconds per measurement (exact search of 100k x 1280
 # takes ~0.1 s a query, so 200 queries would make every optimize of a large flat space slow).
 VECTOR_LATENCY_SECONDS = 3.0
-# --- end of vector index constants ---------------------------------------------------------------------------

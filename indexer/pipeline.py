@@ -394,7 +394,8 @@ def _add_new_photos(
                              {sp: np.concatenate(v) for sp, v in pending_vecs.items()})
             recorders.flush(store, keep_ids={r.id for _, r in pending_rows if r.id})
         store.set_errors(pending_errors)
-        store.commit(parameters=parameters)
+        if store.dirty:  # a run that found nothing new publishes no empty version
+            store.commit(parameters=parameters)
         pending_rows, pending_vecs, pending_errors = [], {}, []
 
     bar = tqdm(total=len(rows), unit="img", desc="index", file=sys.stderr, disable=not progress, dynamic_ncols=True)

@@ -69,9 +69,9 @@ def umask_022():
 
 
 def test_choose_kind_threshold() -> None:
-    assert defaults.VECTOR_EXACT_MAX_CELLS == 100_000 * 1280
-    assert vx.choose_kind(100_000, 1280) == "flat"
-    assert vx.choose_kind(100_001, 1280) == "ivf"
+    assert defaults.VECTOR_EXACT_MAX_CELLS == 50_000 * 1280
+    assert vx.choose_kind(50_000, 1280) == "flat"
+    assert vx.choose_kind(50_001, 1280) == "ivf"
     assert vx.choose_kind(1_000_000, 64) == "flat"
     assert vx.choose_kind(10, 64, "ivf") == "ivf"
     with pytest.raises(ValueError, match="index kind"):

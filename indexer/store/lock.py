@@ -12,7 +12,6 @@ import json
 import os
 import socket
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -79,18 +78,3 @@ class WriterLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
-
-def wait_for_unlock(store: Path, timeout: float) -> bool:
-    """True once nobody holds the writer lock (for tests and scripts); False after ``timeout`` seconds."""
-    lock = WriterLock(store)
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            lock.acquire()
-        except StoreLockedError:
-            time.sleep(0.1)
-            continue
-        lock.release()
-        return True
-    return False

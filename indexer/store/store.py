@@ -26,7 +26,7 @@ import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -256,6 +256,11 @@ class Store:
             self.close()
 
     @property
+    def dirty(self) -> bool:
+        """Whether this writer has changes that ``commit`` would publish."""
+        return self._dirty
+
+    @property
     def writable(self) -> bool:
         return self._lock is not None and self._lock.held
 
@@ -422,8 +427,11 @@ class Store:
     def index_dir(self, name: str) -> Path:
         return self.path / schema.INDEXES_DIR / name
 
-    def vector_index(self, name: str, *, mmap: bool = False) -> vectors.SearchIndex:
-        """The space's published search index (opened once per store object)."""
+    def vector_index(self, name: str, *, mmap: bool = True) -> vectors.SearchIndex:
+        """The space's published search index (opened once per store object).
+
+        Memory-mapped by default: a reader of a million-row space maps its files instead of copying gigabytes
+        into its heap, and processes serving one store share the page cache."""
         if name in self._replaced or self._new_vectors.get(name):
             raise StoreError(f"{self.path}: space {name!r} has uncommitted changes; commit before searching it")
         if name not in self._search:
@@ -571,7 +579,7 @@ class Store:
         if new.empty:
             return
         new["seen_at"] = pd.to_datetime(new["seen_at"], utc=True).astype("datetime64[us, UTC]")
-        new["resolved"] = new["resolved"].fillna(False).astype(bool)
+        new["resolved"] = [bool(v) if pd.notna(v) else False for v in new["resolved"]]
         self._new_errors.append(new)
         self._dirty = True
 
@@ -751,21 +759,11 @@ class Store:
         version = tables.append(self.path / meta["table"], space_table(ids, mat))
         _failpoint("commit:space-table")
         fids = np.array([schema.faiss_id_of(i) for i in ids], np.int64)
-        entry = vectors.append_rows(self.index_dir(name), meta["index"], fids, mat, kind=self._index_kind(),
-                                    sample=self._sampler(name))
+        # No training sample from the table: the index draws one from its own segments (they hold the vectors).
+        entry = vectors.append_rows(self.index_dir(name), meta["index"], fids, mat, kind=self._index_kind())
         _failpoint("commit:space-index")
         return self._space_meta(name, meta, int(meta["dim"]), int(meta["count"]) + len(ids), version, entry,
                                 str(meta["generation"]))
-
-    def _sampler(self, name: str) -> Callable[[int], np.ndarray]:
-        return lambda n: self._sample_vectors(name, n)
-
-    def _sample_vectors(self, name: str, n: int) -> np.ndarray:
-        """Up to ``n`` committed vectors of a space, spread over its parts (to train an approximate index)."""
-        meta = self.manifest["spaces"][name]
-        dt_ = tables.read(self.path / meta["table"], int(meta["table_version"]), ["vector"])
-        step = max(1, dt_.num_rows // max(n, 1))
-        return vectors_of(dt_.take(pa.array(np.arange(0, dt_.num_rows, step)[:n])), int(meta["dim"]))
 
     @staticmethod
     def _space_meta(name: str, meta: Mapping[str, Any], dim: int, count: int, version: int,
@@ -797,8 +795,9 @@ class Store:
         m = json.loads(json.dumps(self.manifest, default=str))
         changed = []
         for name, meta in m.get("spaces", {}).items():
-            entry = vectors.optimize(self.index_dir(name), meta["index"], kind=kind or self._index_kind(),
-                                     sample=self._sampler(name))
+            if not _needs_optimize(meta["index"], kind or self._index_kind()):
+                continue
+            entry = vectors.optimize(self.index_dir(name), meta["index"], kind=kind or self._index_kind())
             if entry != meta["index"]:
                 meta["index"] = dict(entry)
                 meta["index_type"] = str(entry.get("kind", ""))
@@ -835,6 +834,20 @@ class Store:
                 tables.checkpoint(self.path / rel)  # readers then load one checkpoint, not every log entry
                 removed += tables.vacuum(self.path / rel, keep)
         return removed
+
+
+def _needs_optimize(entry: Mapping[str, Any], kind: str) -> bool:
+    """Whether index maintenance is worth its cost (at 1M rows, measuring recall alone takes tens of seconds):
+    never measured, the wrong kind for its size, many segments, or grown a quarter since it was measured."""
+    quality = entry.get("quality")
+    if not quality:
+        return True
+    rows, dim = int(entry.get("rows", 0)), int(entry.get("dim", 0))
+    if rows and vectors.choose_kind(rows, dim, kind) != entry.get("kind"):
+        return True
+    if len(entry.get("segments", [])) > defaults.OPTIMIZE_AFTER_SEGMENTS:
+        return True
+    return rows > 1.25 * int(quality.get("rows", rows))
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
