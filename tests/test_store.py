@@ -288,3 +288,28 @@ def test_schema_1_store_is_refused_then_migrated_without_reembedding(pets_store:
     assert (tmp_path / "old.v1-backup" / "images.parquet").is_file()
     check_consistent(old)
     assert cli(["verify", str(old), "-q"]) == 0
+
+
+def test_photo_unreadable_at_vae_backfill_is_left_out_not_zeroed(tmp_path: Path) -> None:
+    from indexer.models.vae import VAEConfig
+    from indexer.pipeline import run_index
+    from indexer.training import train_store_vae
+
+    src = _photos_folder(tmp_path / "src", sample_photos(16))
+    store = tmp_path / "store"
+    run_index([src], store, species="dog", layout="flat", progress=False, workers=0, sparsity=False)
+    train_store_vae(store, VAEConfig(epochs=1, batch_size=16), progress=False, workers=0)
+    gone = sorted(src.iterdir())[3]
+    gone_id = Store.open(store).images.set_index("path").loc[str(gone), "id"]
+    gone.unlink()  # moved away after indexing: the VAE backfill cannot read it again
+    rep = run_index([], store, progress=False, workers=0, sparsity=False)
+    assert sorted(rep.recomputed) == ["vae_logvar", "vae_mu"]
+    s = Store.open(store)
+    for name in ("vae_mu", "vae_logvar"):
+        ids = s.space_ids(name)
+        assert len(ids) == 15 and gone_id not in ids, name
+        assert s.manifest["spaces"][name]["missing"] == 1
+        assert np.abs(s.space(name).vectors).sum(axis=1).min() > 0  # no made-up zero vectors
+        assert s.vector_index(name).ntotal == 15
+    assert len(s) == 16 and gone_id in s.space_ids("encoder")  # nothing else is lost
+    assert cli(["verify", str(store), "-q"]) == 0

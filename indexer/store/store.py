@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -52,8 +53,17 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
+@functools.lru_cache(maxsize=1)
+def _installed_versions() -> tuple[tuple[str, str], ...]:
+    return tuple(_library_versions().items())
+
+
 def library_versions() -> dict[str, str]:
-    """Versions of everything that shapes the numbers in a store, recorded in the manifest."""
+    """Versions of everything that shapes the numbers in a store, recorded in the manifest (read once)."""
+    return dict(_installed_versions())
+
+
+def _library_versions() -> dict[str, str]:
     import importlib.metadata as md
 
     versions = {"mammals-space": __version__, "python": platform.python_version()}
@@ -133,7 +143,7 @@ class Store:
         self._search: dict[str, vectors.SearchIndex] = {}
         self._sparsity: pd.DataFrame | None = None
         self._sparsity_ids: dict[str, set[str]] = {}
-        self._committed_fids: np.ndarray | None = None
+        self._session_fids: np.ndarray | None = None
         self._reset_pending()
 
     def _reset_pending(self) -> None:
@@ -682,14 +692,18 @@ class Store:
         """Forget pending changes (they are published) and drop caches that the new version outdates."""
         if self._new_images or self._relabelled is not None:
             self._images = None  # read again at the new version when needed
-            if self._committed_fids is not None and self._relabelled is None:
-                new = [schema.faiss_id_of(i) for df in self._new_images for i in df["id"]]
-                self._committed_fids = np.concatenate([self._committed_fids, np.array(new, np.int64)])
         if self._new_errors:
             self._errors_log = None
         if self._new_sparsity or self._dropped_sparsity:
             self._sparsity = None
-            self._sparsity_ids = {}
+            # Keep what is known and add what was just written: re-reading a partition's ids after every
+            # commit would make a commit's cost grow with the store.
+            for model in self._dropped_sparsity:
+                self._sparsity_ids.pop(model, None)
+            for df in self._new_sparsity:
+                for key, ids in df.groupby("model")["id"]:
+                    if str(key) in self._sparsity_ids:
+                        self._sparsity_ids[str(key)] |= set(ids)
         for name in [*self._replaced, *self._dropped, *self._new_vectors]:
             self._spaces.pop(name, None)
             self._search.pop(name, None)
@@ -697,18 +711,17 @@ class Store:
         self.collect_garbage()
 
     def _check_new_ids(self, ids: pd.Series) -> None:
-        """Ids are unique in a store: the faiss ids (int64) of the committed rows are read, not the strings."""
-        t = self.manifest.get("tables", {}).get(schema.IMAGES)
-        if not t:
-            return
-        if self._committed_fids is None:  # read once per writer, then extended by each commit
-            col = self._read(schema.IMAGES, int(t["version"]), ["faiss_id"]).column("faiss_id")
-            self._committed_fids = col.to_numpy()
+        """Ids this writer adds must be new.  Checked against what this writer added in its session; the
+        committed ids are not read here (at 1M rows that alone cost more than the rest of a commit): the
+        pipeline skips every id the store holds (read once per run, under this same lock), and
+        `mammals verify` checks uniqueness over the whole store."""
         new = np.array([schema.faiss_id_of(i) for i in ids], np.int64)
-        clash = np.isin(new, self._committed_fids)
-        if clash.any():
-            raise ValueError(f"add_images: {int(clash.sum())} id(s) already in the store, e.g. "
-                             f"{ids.to_numpy()[clash][0]}")
+        if self._session_fids is not None:
+            clash = np.isin(new, self._session_fids)
+            if clash.any():
+                raise ValueError(f"add_images: {int(clash.sum())} id(s) already in the store, e.g. "
+                                 f"{ids.to_numpy()[clash][0]}")
+        self._session_fids = new if self._session_fids is None else np.concatenate([self._session_fids, new])
 
     def _append_or_create(self, rel: str, table: pa.Table, partition_by: list[str] | None = None) -> int:
         path = self.path / rel
