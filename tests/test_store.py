@@ -313,3 +313,18 @@ def test_photo_unreadable_at_vae_backfill_is_left_out_not_zeroed(tmp_path: Path)
         assert s.vector_index(name).ntotal == 15
     assert len(s) == 16 and gone_id in s.space_ids("encoder")  # nothing else is lost
     assert cli(["verify", str(store), "-q"]) == 0
+
+
+def test_files_of_old_versions_are_removed_only_when_no_version_names_them(small_store: tuple[Path, Path]) -> None:
+    store_path, _ = small_store
+    old_files = set(_index_files(store_path))
+    with Store.open(store_path, write=True) as store:
+        sp = store.space("encoder")
+        store.set_space("encoder", sp.ids, sp.vectors, sp.meta)  # a new version of the space: new files
+        store.commit()
+        store.collect_garbage()  # the default keeps them for an hour: a reader may still use the old version
+        assert old_files <= set(_index_files(store_path))
+        removed = store.collect_garbage(keep_seconds=0)
+    now = set(_index_files(store_path))
+    assert removed >= 1 and not (old_files & now)
+    assert check_consistent(store_path) and cli(["verify", str(store_path), "-q"]) == 0
