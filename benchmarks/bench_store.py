@@ -596,6 +596,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                "versions": library_versions(), "git": git_state(),
                "load_average_before": [round(x, 2) for x in load_before],
                "load_average_after": [round(x, 2) for x in os.getloadavg()], **results}
+    # Paths on this machine (temp work folders, the source store) say nothing to a reader of the results file.
+    text = json.dumps(results, default=str).replace(str(workdir), "<workdir>").replace(str(workdir.parent), "<parent>")
+    results = json.loads(text)
     if a.out.resolve() == (RESULTS_DIR / "store.json").resolve():
         out = write_results("store", results)
     else:
