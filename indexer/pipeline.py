@@ -47,7 +47,8 @@ from indexer.latents import (
 )
 from indexer.sources import CatalogRow, is_utf8_path, join_labels, printable_path, scan
 from indexer.sparsity import DEFAULT_THRESHOLD, SparsityRecorder
-from indexer.store import Store, utcnow
+from indexer.store import Store, StoreError, utcnow
+from indexer.store.lock import StoreLockedError, WriterLock
 
 log = logging.getLogger(__name__)
 
@@ -250,8 +251,14 @@ def run_index(
 
 
 def _refuse_if_locked(store_path: Path) -> None:
+    """A StoreError naming the writer when another process holds the lock (only a probe: released at once)."""
     if (store_path / schema.MANIFEST).exists():
-        Store.open(store_path, write=True).close()  # raises StoreError naming the writer that holds the lock
+        lock = WriterLock(store_path)
+        try:
+            lock.acquire()
+        except StoreLockedError as e:
+            raise StoreError(str(e)) from None
+        lock.release()
 
 
 def recompute_spaces(store_path: Path, spaces: Sequence[str], *, device: str = defaults.DEVICE,
