@@ -325,9 +325,9 @@ class Store:
         return dict(self.manifest["encoder"])
 
     def _read(self, rel: str, version: int, columns: list[str] | None = None,
-              filter_sql: str | None = None) -> pa.Table:
+              equals: tuple[str, str] | None = None) -> pa.Table:
         try:
-            return tables.read(self.path / rel, version, columns, filter_sql)
+            return tables.read(self.path / rel, version, columns, equals)
         except tables.TableError as e:
             raise StoreError(f"{e} — run `mammals verify {self.path} --repair`") from None
 
@@ -480,7 +480,7 @@ class Store:
             t = self.manifest.get("tables", {}).get(schema.SPARSITY)
             have: set[str] = set()
             if t and model in self.manifest.get("sparsity", {}) and model not in self._dropped_sparsity:
-                col = self._read(schema.SPARSITY, int(t["version"]), ["id"], f"model = '{model}'").column("id")
+                col = self._read(schema.SPARSITY, int(t["version"]), ["id"], ("model", model)).column("id")
                 have = set(pc.unique(col).to_pylist())
             self._sparsity_ids[model] = have
         pending = {i for df in self._new_sparsity for i in df.loc[df["model"] == model, "id"]}

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import DeltaError, TableNotFoundError
 
@@ -75,28 +76,19 @@ def restore(path: Path, version: int) -> None:
         dt.restore(version)
 
 
-def read(path: Path, version: int, columns: Sequence[str] | None = None, filter_sql: str | None = None) -> pa.Table:
-    """The table as it was at ``version`` (only ``columns``; only rows matching ``filter_sql`` when given)."""
+def read(path: Path, version: int, columns: Sequence[str] | None = None,
+         equals: tuple[str, str] | None = None) -> pa.Table:
+    """The table as it was at ``version`` (only ``columns``; only rows whose ``equals[0]`` column is
+    ``equals[1]``, e.g. one model's sparsity partition, when given)."""
+    cols = list(columns) if columns is not None else None
     try:
         dt = DeltaTable(str(path), version=version)
-        if filter_sql is None:
-            return dt.to_pyarrow_table(columns=list(columns) if columns is not None else None)
-        import pyarrow.dataset as ds
-
-        dataset = dt.to_pyarrow_dataset()
-        return dataset.to_table(columns=list(columns) if columns is not None else None,
-                                filter=_arrow_filter(filter_sql, ds))
+        if equals is None:
+            return dt.to_pyarrow_table(columns=cols)
+        return dt.to_pyarrow_dataset().to_table(columns=cols, filter=pc.field(equals[0]) == equals[1])
     except (DeltaError, TableNotFoundError, OSError, pa.ArrowException) as e:
         why = f"{e.__class__.__name__}: {_first_line(e)}"
         raise TableError(f"{path}: unreadable at version {version} ({why})") from None
-
-
-def _arrow_filter(sql: str, ds: object) -> object:
-    """``column = 'value'``: the only filter the store uses (a partition, e.g. one model's sparsity rows)."""
-    import pyarrow.compute as pc
-
-    col, _, value = sql.partition("=")
-    return pc.field(col.strip()) == value.strip().strip("'")
 
 
 def vacuum(path: Path, retention_seconds: float) -> int:
