@@ -33,8 +33,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from indexer.atomic import atomic_write, atomic_write_json
 from indexer.store import Store
+from indexer.store.atomic import atomic_write, atomic_write_json
 from indexer.store.lock import StoreLockedError, WriterLock
 
 log = logging.getLogger(__name__)

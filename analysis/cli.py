@@ -1,14 +1,22 @@
-"""`mammals` subcommands of the analysis package (registered through ``indexer.cli.register``; ``indexer.cli``
-imports this module lazily, so `mammals --help` stays fast: heavy imports happen inside the run functions)."""
+"""`mammals` subcommands of the analysis package: `train`, `query`, `map` and `export` (entry points in
+``pyproject.toml``).  Heavy imports happen inside the run functions, so that `mammals --help` stays fast."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import logging
+import typing
 from pathlib import Path
 from typing import Any
 
-from indexer.cli import EXIT_OK, register
+from indexer import defaults
+from indexer.cli import EXIT_OK, EXIT_PARTIAL, Command
 from indexer.errors import UsageError
+from indexer.store import schema
+
+log = logging.getLogger("mammals")
 
 
 # ---------------------------------------------------------------------------------------------------- export
@@ -56,7 +64,8 @@ def _run_export(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-register("export", "export tables and figures (CSV, Parquet, LaTeX, PNG, SVG) for papers")(_conf_export)(_run_export)
+EXPORT = Command("export", "export tables and figures (CSV, Parquet, LaTeX, PNG, SVG) for papers", _conf_export,
+                 _run_export)
 
 
 # ---------------------------------------------------------------------------------------------------- map
@@ -172,4 +181,135 @@ def _run_map(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-register("map", "UMAP map (and HDBSCAN clusters) of a feature space, cached in the store")(_conf_map)(_run_map)
+MAP = Command("map", "UMAP map (and HDBSCAN clusters) of a feature space, cached in the store", _conf_map, _run_map)
+
+
+# ---------------------------------------------------------------------------------------------------- query
+def _conf_query(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="*", type=Path, metavar="IMAGE", help="photos to embed and search with")
+    p.add_argument("--store", type=Path, required=True)
+    p.add_argument("--id", dest="ids", action="append", default=[], metavar="ID",
+                   help="an indexed image's id (or a unique prefix of 6+ characters); repeatable. Its own row is "
+                        "left out of the neighbours unless --include-self")
+    p.add_argument("--include-self", action="store_true", help="with --id: keep the image itself (rank 1)")
+    p.add_argument("--text", dest="texts", action="append", default=[], metavar="PROMPT",
+                   help="a text prompt (open_clip stores only, encoder space); repeatable")
+    p.add_argument("-k", type=int, default=defaults.K, help=f"neighbours per query (default {defaults.K})")
+    p.add_argument("--space", default=schema.ENCODER_SPACE,
+                   help="feature space to search: encoder (default), mapper_id, mapper_attr, vae_mu, vae_logvar")
+    p.add_argument("--device", default=defaults.DEVICE)
+    p.add_argument("--json", action="store_true", help=f"machine-readable output ({'mammals.query/1'})")
+
+
+def _run_query(a: argparse.Namespace) -> int:
+    from indexer.query import QUERY_JSON_SCHEMA, query_ids, query_images, query_texts
+    from indexer.store import Store
+
+    if a.k < 1:
+        raise UsageError("-k must be >= 1")
+    if not (a.images or a.ids or a.texts):
+        raise UsageError("nothing to query: give IMAGE paths, --id ID or --text PROMPT")
+    store = Store.open(a.store)
+    results = []
+    if a.images:
+        results += query_images(store, a.images, k=a.k, space=a.space, device=a.device)
+    if a.ids:
+        results += query_ids(store, a.ids, k=a.k, space=a.space, exclude_self=not a.include_self)
+    if a.texts:
+        results += query_texts(store, a.texts, k=a.k, space=a.space, device=a.device)
+    if a.json:
+        print(json.dumps({"schema": QUERY_JSON_SCHEMA, "store": str(a.store), "space": a.space,
+                          "encoder": store.encoder["name"], "k": a.k,
+                          "results": [r.as_dict() for r in results]}, indent=2))
+    else:
+        for r in results:
+            print(f"== {r.kind} {r.query}")
+            if r.error:
+                print(f"   error: {r.error}")
+                continue
+            for n in r.neighbours:
+                print(f"  {n.rank:>3}  {n.similarity:6.3f}  {n.species or '-':<4} {n.breed or '-':<28} {n.path}")
+            votes = ", ".join(f"{v.breed} {v.share:.0%}" for v in r.breed_votes[:5]) or "no labelled neighbours"
+            print(f"   breed vote: {votes}")
+    failed = [r for r in results if r.error]
+    for r in failed:
+        log.error("%s: %s", r.query, r.error)
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+QUERY = Command("query", "nearest indexed images and breed votes for photos", _conf_query, _run_query)
+
+
+# ---------------------------------------------------------------------------------------------------- train
+def _config_classes() -> dict[str, type]:
+    from indexer.models.mapper import MapperConfig
+    from indexer.models.vae import VAEConfig
+
+    return {"mapper": MapperConfig, "vae": VAEConfig}
+
+
+def _add_config_options(p: argparse.ArgumentParser, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        flag = "--" + f.name.replace("_", "-")
+        doc = f"default {default}"
+        hint = hints[f.name]
+        if hint is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=doc)
+        elif isinstance(default, tuple) or typing.get_origin(hint) is tuple:
+            p.add_argument(flag, type=int, nargs="+", default=None, metavar="N", help=doc)
+        elif hint in (int, float, str):
+            p.add_argument(flag, type=hint, default=None, help=doc)
+        else:  # Optional[...] and other unions: accept the text and let the dataclass validate it
+            p.add_argument(flag, type=float if isinstance(default, float) else str, default=None, help=doc)
+
+
+def _conf_train(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="model", required=True, metavar="MODEL")
+    for name, cls in _config_classes().items():
+        what = {"mapper": "identity/attribute mapper on the encoder embeddings (breed labels needed)",
+                "vae": "convolutional VAE on the photos"}[name]
+        sp = sub.add_parser(name, help=what, description=f"Train the {what}.")
+        # -q/-v also after MODEL; SUPPRESS keeps a flag given before MODEL from being reset by this parser.
+        sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+        sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+        sp.add_argument("--store", type=Path, required=True)
+        sp.add_argument("--json", action="store_true", help="print the training report as JSON")
+        if name == "vae":
+            sp.add_argument("--workers", type=int, default=1, help="photo decode workers")
+        _add_config_options(sp, cls)
+
+
+def _config_from_args(cls: type, a: argparse.Namespace) -> Any:
+    given = {f.name: getattr(a, f.name) for f in dataclasses.fields(cls) if getattr(a, f.name, None) is not None}
+    for k, v in given.items():
+        if isinstance(v, list):
+            given[k] = tuple(v)
+    return cls(**given)
+
+
+def _run_train(a: argparse.Namespace) -> int:
+    from indexer.training import train_store_mapper, train_store_vae
+
+    cfg = _config_from_args(_config_classes()[a.model], a)
+    if a.model == "mapper":
+        out = train_store_mapper(a.store, cfg, progress=not a.quiet)
+    else:
+        out = train_store_vae(a.store, cfg, progress=not a.quiet, workers=a.workers)
+    if a.json:
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        print(f"trained {a.model}: {out['dir']} (sha256 {out['sha256'][:16]}…)")
+        for k, v in out["report"].items():
+            print(f"  {k:<32} {v:.4f}" if isinstance(v, float) else f"  {k:<32} {v}")
+        for k in ("reconstructions_png", "samples_png"):
+            if k in out:
+                print(f"  {k:<32} {out[k]}")
+        print(f"run `mammals index --store {a.store}` to compute its spaces for every image")
+    return EXIT_OK
+
+
+TRAIN = Command("train", "train the mapper or the VAE on a store", _conf_train, _run_train)

@@ -32,8 +32,7 @@ import pandas as pd
 
 from analysis.cache import CacheInfo, cache_key, cached, input_fingerprint
 from analysis.maps import MAP_KIND, MapParams, MapResult, compute_map, map_cache_params, map_columns, pca_reduce
-from indexer import schema
-from indexer.store import Store, unit_rows
+from indexer.store import Store, schema, unit_rows
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Exports for papers: image tables, CSV/Parquet, LaTeX (booktabs) tables and matplotlib figures.
 
-Every file is written atomically (``indexer.atomic.atomic_write``: a temp file beside the target, then one rename),
+Every file is written atomically (``indexer.store.atomic.atomic_write``: a temp file beside the target, then a rename),
 so a reader never sees half a table and a failed export leaves the previous file as it was.
 
 Figures are built on a bare :class:`matplotlib.figure.Figure`, never through ``pyplot``: no global figure
@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from indexer.atomic import atomic_write, atomic_write_bytes
+from indexer.store.atomic import atomic_write, atomic_write_bytes
 
 if TYPE_CHECKING:
     from indexer.store import Store

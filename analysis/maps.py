@@ -31,8 +31,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.cache import CacheInfo, cached, input_fingerprint
-from indexer import schema
-from indexer.store import Store, unit_rows
+from indexer.store import Store, schema, unit_rows
 
 log = logging.getLogger(__name__)
 

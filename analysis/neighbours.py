@@ -15,9 +15,8 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from indexer import schema
 from indexer.query import BreedVote, Neighbour, QueryResult, breed_votes, query_ids, query_images, query_texts
-from indexer.store import Store
+from indexer.store import Store, schema
 
 __all__ = ["BreedVote", "Neighbour", "QueryResult", "breed_votes", "knn_label_accuracy", "knn_predictions",
            "query_ids", "query_images", "query_texts"]

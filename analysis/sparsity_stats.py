@@ -1,9 +1,9 @@
 """Activation sparsity against image labels: depth curves, per-image context, group tests and correlations.
 
 Every function reads the store's long sparsity table (``id, model, layer_index, layer_name, metric, value``, see
-``indexer.schema.SPARSITY_SCHEMA``) for one model and one metric, and returns a tidy table.  The source is either a
-:class:`~indexer.store.Store` (labels come from ``store.images``) or the pieces: a sparsity frame with the same
-columns plus, where a label is needed, ``labels=`` a frame indexed by image id (or with an ``id`` column).
+``indexer.store.schema.SPARSITY_SCHEMA``) for one model and one metric, and returns a tidy table.  The source is
+either a :class:`~indexer.store.Store` (labels come from ``store.images``) or the pieces: a sparsity frame with
+the same columns plus, where a label is needed, ``labels=`` a frame indexed by image id (or with an ``id`` column).
 
 Conventions shared by every function
 ------------------------------------

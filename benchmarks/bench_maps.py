@@ -42,8 +42,7 @@ from analysis import cache
 from analysis.clusters import ClusterParams, compute_clusters, hdbscan_labels, label_agreement
 from analysis.maps import MapParams, compute_map, umap_embedding
 from benchmarks.common import SHARED_DATA, write_results
-from indexer import schema
-from indexer.store import Store
+from indexer.store import Store, schema
 
 TARGET_MAP_CLUSTER_100K_S = 60.0
 TARGET_REPAINT_S = 2.0

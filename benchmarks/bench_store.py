@@ -94,7 +94,7 @@ def row_ids(start: int, n: int, seed: int) -> list[str]:
 
 
 def faiss_ids(ids: Sequence[str]) -> np.ndarray:
-    from indexer import schema
+    from indexer.store import schema
 
     return np.array([schema.faiss_id_of(i) for i in ids], np.int64)
 
@@ -125,8 +125,7 @@ def batches(rows: int, batch: int) -> list[tuple[int, int, int]]:
 
 def prepare_source(src_path: Path, workdir: Path) -> Path:
     """The source store's encoder vectors, labels and encoder description in one .npz for the workers."""
-    from indexer import schema
-    from indexer.store import Store
+    from indexer.store import Store, schema
 
     src = Store.open(src_path)
     sp = src.space(schema.ENCODER_SPACE)
@@ -157,7 +156,7 @@ def extract_baseline(dest: Path) -> Path | None:
             print(f"baseline skipped: git show {BASELINE_COMMIT}:{src} failed ({why.strip()})", flush=True)
             return None
         text = text.replace("from indexer import ", f"from {OLD_PACKAGE} import ")
-        text = text.replace("from indexer.atomic import ", f"from {OLD_PACKAGE}.atomic import ")
+        text = text.replace("from indexer.store.atomic import ", f"from {OLD_PACKAGE}.atomic import ")
         left = re.findall(r"^\s*(?:from|import)\s+indexer\b.*$", text, flags=re.M)
         if left:
             print(f"baseline skipped: {src} at {BASELINE_COMMIT} imports {left[0].strip()!r}", flush=True)
@@ -602,7 +601,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.out.resolve() == (RESULTS_DIR / "store.json").resolve():
         out = write_results("store", results)
     else:
-        from indexer.atomic import atomic_write_json
+        from indexer.store.atomic import atomic_write_json
 
         a.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(a.out, {"benchmark": "store", "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

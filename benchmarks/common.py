@@ -27,7 +27,7 @@ def machine() -> dict[str, Any]:
 
 def write_results(name: str, results: dict[str, Any]) -> Path:
     """Write ``results`` (plus when and where) to benchmarks/results/<name>.json, atomically."""
-    from indexer.atomic import atomic_write_json
+    from indexer.store.atomic import atomic_write_json
 
     RESULTS_DIR.mkdir(exist_ok=True)
     out = RESULTS_DIR / f"{name}.json"

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import FrameType
 
 from dashboard.settings import MAX_UPLOAD_MB
-from indexer.cli import register
+from indexer.cli import Command
 from indexer.errors import UsageError
 
 APP = Path(__file__).resolve().parent / "app.py"
@@ -84,4 +84,4 @@ def _run(a: argparse.Namespace) -> int:
     return run_dashboard(a.store, port=a.port, host=a.host)
 
 
-register("dashboard", "explore a store in the browser (Streamlit)")(_conf)(_run)
+DASHBOARD = Command("dashboard", "explore a store in the browser (Streamlit)", _conf, _run)

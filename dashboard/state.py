@@ -27,9 +27,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from indexer import schema
 from indexer.images import ImageError, load_image
-from indexer.store import Store, StoreError
+from indexer.store import Store, StoreError, schema
 
 if TYPE_CHECKING:
     from analysis.clusters import ClusterParams

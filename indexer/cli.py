@@ -1,362 +1,121 @@
 """`mammals`: the command line.  A thin map onto the Python API: every subcommand calls one public function.
 
+Subcommands are found through the entry-point group ``mammals.commands`` (see ``pyproject.toml``): each entry
+names a :class:`Command`.  So this module, the bottom of the CLI, imports no package above it; `mammals train`
+or `mammals dashboard` live with the code they drive and are loaded only when the parser is built.
+
 Conventions: data goes to stdout (``--json`` where it is data), logs and progress to stderr; exit code 0 on
-success, 1 when some inputs failed but the command ran, 2 for a usage or input error (one line, no traceback).
+success, 1 when some inputs failed but the command ran, 2 for a usage or input error (one line, no traceback),
+130 when interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from importlib.metadata import entry_points
 
-from indexer import __version__, defaults, schema
+from indexer import __version__
 from indexer.errors import UsageError
 
 log = logging.getLogger("mammals")
 
-EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+ENTRY_POINT_GROUP = "mammals.commands"
+# The loggers of our own packages follow -q/-v; libraries (faiss announces its CPU features at INFO) only warn.
+OWN_LOGGERS = ("mammals", "indexer", "analysis", "dashboard", "data")
 
 
-# Subcommands register here: name -> (configure parser, run).  Later packages (training, maps, dashboard)
-# add theirs through ``register``, so this file stays the one entry point without importing heavy modules.
-_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its one-line help, a function that adds its options, and the function that runs it."""
+
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
 
 
-def register(name: str, help: str) -> Callable[[Callable[[argparse.ArgumentParser], None]],
-                                               Callable[[Callable[[argparse.Namespace], int]], None]]:
-    def configure(conf: Callable[[argparse.ArgumentParser], None]) -> Callable[[Callable[[argparse.Namespace], int]],
-                                                                                 None]:
-        def bind(run: Callable[[argparse.Namespace], int]) -> None:
-            _COMMANDS[name] = (help, conf, run)
-
-        return bind
-
-    return configure
-
-
-def default_data_dirs() -> list[Path]:
-    """The README's main job indexes ../shared/data/pets when no folder is given and it exists."""
-    for cand in (Path.cwd().parent / "shared" / "data" / "pets", defaults.SHARED_PETS):
-        if cand.is_dir():
-            return [cand]
-    raise UsageError("no DATA_DIR given and ../shared/data/pets does not exist; name a photo folder")
+def commands() -> dict[str, Command]:
+    """Every installed subcommand, in the order the entry points list them."""
+    found: dict[str, Command] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        cmd = ep.load()
+        if not isinstance(cmd, Command) or cmd.name != ep.name:
+            raise TypeError(f"entry point {ep.name} = {ep.value} is not a Command named {ep.name!r}")
+        found.setdefault(ep.name, cmd)  # the first distribution wins (an editable install listed twice)
+    return found
 
 
-def stored_sources(store: Path) -> list[Path]:
-    """The folders an existing store was last indexed from (`mammals index --store S` refreshes it)."""
-    from indexer.store import Store
-
-    if not (store / schema.MANIFEST).exists():
-        return []
-    return [Path(p) for p in Store.open(store).manifest.get("parameters", {}).get("sources", [])]
+def add_common_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings and errors only")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
-# ---------------------------------------------------------------------------------------------------- index
-def _conf_index(p: argparse.ArgumentParser) -> None:
-    from indexer.sources import LAYOUTS
-    from indexer.sparsity import DEFAULT_THRESHOLD
-
-    p.add_argument("data_dirs", nargs="*", type=Path, metavar="DATA_DIR",
-                   help="photo folders or CSV manifests (default: the store's own sources when it exists, "
-                        "else ../shared/data/pets where it exists)")
-    p.add_argument("--store", type=Path, required=True, help="store directory (created if missing)")
-    p.add_argument("--encoder", default=defaults.ENCODER,
-                   help=f"encoder name (default {defaults.ENCODER}; also open_clip:MODEL/TAG_OR_PATH, "
-                        "timm:MODEL/CHECKPOINT)")
-    p.add_argument("--layout", default="auto", choices=("auto", *LAYOUTS), help="dataset layout (default: detect)")
-    p.add_argument("--species", choices=("cat", "dog"), help="species for folders whose layout does not say")
-    p.add_argument("--labels", type=Path, metavar="CSV", help="CSV with a 'path' column; other columns are joined")
-    p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE)
-    p.add_argument("--workers", type=int, default=defaults.WORKERS, help="decode worker processes")
-    p.add_argument("--device", default=defaults.DEVICE, help="auto (cuda if present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--no-sparsity", action="store_true", help="skip per-layer activation sparsity (faster)")
-    p.add_argument("--sparsity-threshold", type=float, default=DEFAULT_THRESHOLD,
-                   help=f"near-zero threshold relative to each layer's peak (default {DEFAULT_THRESHOLD})")
-    p.add_argument("--wait", action="store_true",
-                   help="when another process is writing the store, wait for it (default: exit 2 at once)")
-    p.add_argument("--index", dest="index_kind", metavar="KIND", default=None,
-                   help="vector index type: auto (exact below a size threshold, approximate above; the default), "
-                        "or force one of flat, ivf, ivfpq, hnsw (remembered by the store)")
-    p.add_argument("--json", action="store_true", help="print the run report as JSON on stdout")
-
-
-def _run_index(a: argparse.Namespace) -> int:
-    from indexer.pipeline import run_index
-    from indexer.store.vectors import INDEX_KINDS
-
-    if a.batch_size < 1 or a.workers < 0:
-        raise UsageError("--batch-size must be >= 1 and --workers >= 0")
-    if a.index_kind is not None and a.index_kind not in INDEX_KINDS:
-        raise UsageError(f"--index must be one of {', '.join(INDEX_KINDS)}, not {a.index_kind!r}")
-    dirs = a.data_dirs or stored_sources(a.store) or default_data_dirs()
-    report = run_index(dirs, a.store, encoder=a.encoder, layout=a.layout, species=a.species, labels_csv=a.labels,
-                       batch_size=a.batch_size, workers=a.workers, device=a.device, progress=not a.quiet,
-                       sparsity=not a.no_sparsity, sparsity_threshold=a.sparsity_threshold, wait=a.wait,
-                       index_kind=a.index_kind)
-    if a.json:
-        print(json.dumps({**report.as_dict(), "error_files": [{"path": p, "reason": r} for p, r in report.errors]},
-                         indent=2))
-    else:
-        rate = f", {report.images_per_second:.1f} img/s" if report.added else ""  # no rate for a run that added none
-        print(f"{a.store}: added {report.added}, already indexed {report.already_indexed}, "
-              f"duplicates {report.duplicates}, errors {len(report.errors)} "
-              f"({report.scanned} files scanned in {report.seconds:.1f} s{rate})")
-        if report.labels_updated:
-            print(f"{a.store}: labels from {a.labels} updated for {report.labels_updated} already-indexed images")
-        if report.recomputed:
-            print(f"{a.store}: recomputed for every image: {', '.join(report.recomputed)}")
-    return EXIT_OK
-
-
-# ---------------------------------------------------------------------------------------------------- query
-def _conf_query(p: argparse.ArgumentParser) -> None:
-    p.add_argument("images", nargs="*", type=Path, metavar="IMAGE", help="photos to embed and search with")
-    p.add_argument("--store", type=Path, required=True)
-    p.add_argument("--id", dest="ids", action="append", default=[], metavar="ID",
-                   help="an indexed image's id (or a unique prefix of 6+ characters); repeatable. Its own row is "
-                        "left out of the neighbours unless --include-self")
-    p.add_argument("--include-self", action="store_true", help="with --id: keep the image itself (rank 1)")
-    p.add_argument("--text", dest="texts", action="append", default=[], metavar="PROMPT",
-                   help="a text prompt (open_clip stores only, encoder space); repeatable")
-    p.add_argument("-k", type=int, default=defaults.K, help=f"neighbours per query (default {defaults.K})")
-    p.add_argument("--space", default=schema.ENCODER_SPACE,
-                   help="feature space to search: encoder (default), mapper_id, mapper_attr, vae_mu, vae_logvar")
-    p.add_argument("--device", default=defaults.DEVICE)
-    p.add_argument("--json", action="store_true", help=f"machine-readable output ({'mammals.query/1'})")
-
-
-def _run_query(a: argparse.Namespace) -> int:
-    from indexer.query import QUERY_JSON_SCHEMA, query_ids, query_images, query_texts
-    from indexer.store import Store
-
-    if a.k < 1:
-        raise UsageError("-k must be >= 1")
-    if not (a.images or a.ids or a.texts):
-        raise UsageError("nothing to query: give IMAGE paths, --id ID or --text PROMPT")
-    store = Store.open(a.store)
-    results = []
-    if a.images:
-        results += query_images(store, a.images, k=a.k, space=a.space, device=a.device)
-    if a.ids:
-        results += query_ids(store, a.ids, k=a.k, space=a.space, exclude_self=not a.include_self)
-    if a.texts:
-        results += query_texts(store, a.texts, k=a.k, space=a.space, device=a.device)
-    if a.json:
-        print(json.dumps({"schema": QUERY_JSON_SCHEMA, "store": str(a.store), "space": a.space,
-                          "encoder": store.encoder["name"], "k": a.k,
-                          "results": [r.as_dict() for r in results]}, indent=2))
-    else:
-        for r in results:
-            print(f"== {r.kind} {r.query}")
-            if r.error:
-                print(f"   error: {r.error}")
-                continue
-            for n in r.neighbours:
-                print(f"  {n.rank:>3}  {n.similarity:6.3f}  {n.species or '-':<4} {n.breed or '-':<28} {n.path}")
-            votes = ", ".join(f"{v.breed} {v.share:.0%}" for v in r.breed_votes[:5]) or "no labelled neighbours"
-            print(f"   breed vote: {votes}")
-    failed = [r for r in results if r.error]
-    for r in failed:
-        log.error("%s: %s", r.query, r.error)
-    return EXIT_PARTIAL if failed else EXIT_OK
-
-
-# ---------------------------------------------------------------------------------------------------- info
-def _index_line(ix: dict[str, Any]) -> str:
-    """One line per index: its type and what it measured about itself (recall against exact search, latency)."""
-    q = ix.get("quality") or {}
-    parts = [f"{ix.get('kind', '?')}", f"{ix.get('segments', 0)} segment(s)"]
-    if q:
-        parts.append(f"recall@10 {q.get('recall_at_10', float('nan')):.3f}")
-        parts.append(f"p50 {q.get('p50_ms', float('nan')):.1f} ms, p95 {q.get('p95_ms', float('nan')):.1f} ms")
-        if q.get("memory_bytes") is not None:
-            parts.append(f"{q['memory_bytes'] / 2**20:.1f} MiB")
-    else:
-        parts.append("quality not measured yet")
-    return ", ".join(parts)
-
-
-def _conf_info(p: argparse.ArgumentParser) -> None:
-    p.add_argument("store", type=Path, metavar="STORE")
-    p.add_argument("--json", action="store_true")
-
-
-def store_info(path: Path) -> dict[str, Any]:
-    """Everything `mammals info` shows, as data."""
-    from indexer.store import Store
-
-    store = Store.open(path)
-    m = store.manifest
-    errors = store.errors
-    return {
-        "store": str(path),
-        "schema_version": m["schema_version"],
-        "version": store.version,
-        "encoder": m["encoder"],
-        "spaces": {n: {**{k: v for k, v in s.items() if k in ("dim", "count", "kind", "model_sha256", "missing")},
-                       "index": {k: v for k, v in s["index"].items() if k in ("kind", "rows", "params", "quality")}
-                                | {"segments": len(s["index"].get("segments", []))}}
-                   for n, s in m.get("spaces", {}).items()},
-        "models": m.get("models", {}),
-        "counts": m.get("counts", {}),
-        "errors": [{"path": p, "reason": r} for p, r in zip(errors["path"], errors["reason"], strict=True)],
-        "versions": m.get("versions", {}),
-        "created_at": m.get("created_at"),
-        "updated_at": m.get("updated_at"),
-        "last_run": (m.get("runs") or [None])[-1],
-    }
-
-
-def _run_info(a: argparse.Namespace) -> int:
-    info = store_info(a.store)
-    if a.json:
-        print(json.dumps(info, indent=2, default=str))
-        return EXIT_OK
-    c = info["counts"]
-    enc = info["encoder"]
-    print(f"store      {info['store']} (schema {info['schema_version']}, version {info['version']}, "
-          f"updated {info['updated_at']})")
-    print(f"encoder    {enc['name']}  dim {enc['dim']}  weights sha256 {enc['weights_sha256'][:16]}…")
-    print(f"images     {c.get('images', 0)}   errors {c.get('errors', 0)}")
-    for name, s in info["spaces"].items():
-        missing = f"  ({s['missing']} image(s) left out: photo unreadable)" if s.get("missing") else ""
-        print(f"space      {name:<12} dim {s.get('dim')}  rows {s.get('count')}{missing}")
-        print(f"  index    {_index_line(s['index'])}")
-    for sp, n in c.get("by_species", {}).items():
-        breeds = c.get("by_breed", {}).get(sp, {})
-        print(f"species    {sp:<8} {n:>6} images, {len(breeds)} breed(s)")
-        for br, nb in sorted(breeds.items(), key=lambda kv: (-kv[1], kv[0])):
-            print(f"             {br:<32} {nb:>6}")
-    if c.get("label_columns"):
-        print(f"labels     {', '.join(c['label_columns'])}")
-    for e in info["errors"][:20]:
-        print(f"error      {e['path']}: {e['reason']}")
-    if len(info["errors"]) > 20:
-        print(f"error      … {len(info['errors']) - 20} more (see errors.parquet)")
-    print("versions   " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
-    return EXIT_OK
-
-
-register("index", "index photo folders into a store")(_conf_index)(_run_index)
-register("query", "nearest indexed images and breed votes for photos")(_conf_query)(_run_query)
-register("info", "what is in a store")(_conf_info)(_run_info)
-
-
-# ---------------------------------------------------------------------------------------------------- verify
-def _conf_verify(p: argparse.ArgumentParser) -> None:
-    p.add_argument("store", type=Path, metavar="STORE")
-    p.add_argument("--repair", action="store_true",
-                   help="fix what can be fixed: rebuild indexes from their tables, drop duplicate sparsity rows, "
-                        "recompute unreadable spaces (takes the writer lock)")
-    p.add_argument("--device", default=defaults.DEVICE, help="for recomputing spaces (auto, cpu, cuda, ...)")
-    p.add_argument("--json", action="store_true")
-
-
-def _run_verify(a: argparse.Namespace) -> int:
-    from indexer.store.verify import verify
-
-    def recompute(store: Any, spaces: list[str]) -> list[str]:
-        from indexer.pipeline import recompute_spaces
-
-        store.close()  # the pipeline takes the lock itself
-        return recompute_spaces(a.store, spaces, device=a.device, progress=not a.quiet)
-
-    findings = verify(a.store, repair=a.repair, recompute=recompute)
-    bad = [f for f in findings if not f.ok and not f.repaired]
-    if a.json:
-        print(json.dumps({"store": str(a.store), "ok": not bad, "findings": [f.as_dict() for f in findings]},
-                         indent=2))
-    else:
-        for f in findings:
-            mark = "ok      " if f.ok else "repaired" if f.repaired else "FAILED  "
-            print(f"{mark} {f.check}" + (f": {f.detail}" if f.detail else ""))
-        print(f"{a.store}: " + ("all invariants hold" if not bad else
-                                f"{len(bad)} problem(s)" + ("" if a.repair else "; `--repair` fixes what it can")))
-    return EXIT_OK if not bad else EXIT_PARTIAL
-
-
-register("verify", "check a store's invariants (and repair them)")(_conf_verify)(_run_verify)
-
-
-def _conf_migrate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("store", type=Path, metavar="STORE")
-
-
-def _run_migrate(a: argparse.Namespace) -> int:
-    from indexer.store.migrate import is_v1, migrate_v1
-
-    if not is_v1(a.store):
-        raise UsageError(f"{a.store}: not a store of schema version 1 (nothing to migrate)")
-    backup = migrate_v1(a.store)
-    print(f"{a.store}: migrated to store schema {schema.SCHEMA_VERSION}; the old files are kept in {backup}")
-    return EXIT_OK
-
-
-register("migrate", "upgrade a store written by an older Mammals Space (schema 1)")(_conf_migrate)(_run_migrate)
-
-
-def _load_plugins() -> None:
-    """Subcommands that live in other packages (imported lazily: `mammals --help` stays fast)."""
-    import importlib
-
-    for mod in ("indexer.train_cli", "analysis.cli", "dashboard.cli"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-
-
-def build_parser() -> argparse.ArgumentParser:
-    _load_plugins()
+def build_parser(cmds: dict[str, Command] | None = None) -> argparse.ArgumentParser:
+    cmds = commands() if cmds is None else cmds
     parser = argparse.ArgumentParser(prog="mammals", description="Mammals Space: embeddings and similarity search "
                                      "for cat and dog photos.")
     parser.add_argument("--version", action="version", version=f"mammals-space {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (help_, conf, _run) in _COMMANDS.items():
-        sp = sub.add_parser(name, help=help_, description=help_)
-        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings and errors only")
-        sp.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-        conf(sp)
+    for name, cmd in cmds.items():
+        sp = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        add_common_options(sp)
+        cmd.configure(sp)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    a = parser.parse_args(argv)
-    level = logging.DEBUG if a.verbose else logging.WARNING if a.quiet else logging.INFO
-    # Our own packages log at the chosen level; libraries (faiss announces its CPU features at INFO) only warn.
+def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="mammals: %(levelname)s: %(message)s",
                         force=True)
-    for name in ("mammals", "indexer", "analysis", "dashboard", "data"):
+    for name in OWN_LOGGERS:
         logging.getLogger(name).setLevel(level)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that are the user's to fix: printed as one line with exit code 2 (bugs stay tracebacks).
+
+    Each package's errors derive from :class:`UsageError`, or are listed here (imported when a command fails,
+    so that `mammals --help` does not import the store or the encoders)."""
     from indexer.encoders import EncoderError
     from indexer.sources import SourceError
     from indexer.store import StoreError
 
+    return UsageError, SourceError, StoreError, EncoderError
+
+
+def run_main(prog: str, parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int],
+             argv: Sequence[str] | None = None) -> int:
+    """The one ``main()`` of every command line here: parse, set up logging, run, and map errors to exit codes.
+
+    ``run`` returns the exit code; user errors print ``PROG: error: …`` (one line, exit 2), Ctrl-C exits 130
+    and a closed stdout (``… | head``) is not an error."""
+    a = parser.parse_args(argv)
+    setup_logging(getattr(a, "quiet", False), getattr(a, "verbose", False))
+    where = f"{prog} {a.command}" if getattr(a, "command", None) else prog
     try:
-        return _COMMANDS[a.command][2](a)
-    except (UsageError, SourceError, StoreError, EncoderError) as e:
-        print(f"mammals {a.command}: error: {e}", file=sys.stderr)
+        return run(a)
+    except user_errors() as e:
+        print(f"{where}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"mammals {a.command}: interrupted (the store keeps its last commit; run again to resume)",
-              file=sys.stderr)
-        return 130
+        print(f"{where}: interrupted (the store keeps its last commit; run again to resume)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
-        # `mammals query ... | head`: stdout closed early is not an error worth a traceback.
+        # stdout closed early: point it at devnull so the interpreter's final flush does not complain either.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
 
 
-if __name__ == "__main__":
-    # Run the imported module's main: plugins register into `indexer.cli`, not into this `__main__` copy.
-    from indexer.cli import main as _main
+def main(argv: Sequence[str] | None = None) -> int:
+    cmds = commands()
+    return run_main("mammals", build_parser(cmds), lambda a: cmds[a.command].run(a), argv)
 
-    sys.exit(_main())
+
+if __name__ == "__main__":
+    sys.exit(main())

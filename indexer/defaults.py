@@ -26,6 +26,10 @@ KEEP_OLD_FILES_SECONDS = 3600.0
 # Every this many store versions the writer checkpoints and vacuums its Delta tables.
 VACUUM_EVERY_VERSIONS = 50
 
+# Sparsity's near-zero threshold, relative to each image's peak in a layer: 1% makes exact zeros always count,
+# and in a ReLU6 layer whose peak is 6 anything below 0.06 does too, i.e. a unit that is all but off.
+SPARSITY_THRESHOLD = 0.01
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 # Where the README's main job looks for photos when none are given.

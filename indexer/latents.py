@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from indexer.hashing import file_sha256
 from indexer.store import Store, StoreError
+from indexer.store.hashing import file_sha256_cached
 
 MODELS_DIR = "models"
 ENCODER, MAPPER, VAE = "encoder", "mapper", "vae"
@@ -63,7 +63,7 @@ def load_trained_models(store: Store, device: torch.device | str = "cpu") -> Tra
         if not weights.exists():
             raise StoreError(f"{weights}: the manifest lists a trained {name} but its weights are missing "
                              f"(retrain with `mammals train {name} --store {store.path}`)")
-        sha = file_sha256(weights)
+        sha = file_sha256_cached(weights)
         if sha != recorded[name]["sha256"]:
             raise StoreError(f"{weights}: sha256 {sha[:12]}… differs from the manifest's "
                              f"{recorded[name]['sha256'][:12]}… (retrain, or restore the file)")

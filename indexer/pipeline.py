@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from indexer import defaults, schema
+from indexer import defaults
 from indexer.encoders import Encoder, load_encoder
 from indexer.encoders.registry import resolve_device
 from indexer.extract import Batch, FileResult, StageTimes, embed, iter_batches
@@ -47,7 +47,7 @@ from indexer.latents import (
 )
 from indexer.sources import CatalogRow, is_utf8_path, join_labels, printable_path, scan
 from indexer.sparsity import DEFAULT_THRESHOLD, SparsityRecorder
-from indexer.store import Store, StoreError, utcnow
+from indexer.store import Store, StoreError, schema, utcnow
 from indexer.store.lock import StoreLockedError, WriterLock
 
 log = logging.getLogger(__name__)

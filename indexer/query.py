@@ -13,13 +13,13 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from indexer import defaults, schema
+from indexer import defaults
 from indexer.encoders import Encoder, load_encoder
 from indexer.encoders.registry import has_text_tower, resolve_device
 from indexer.extract import embed
 from indexer.images import ImageError, load_image
 from indexer.latents import MAPPER, SPACE_MODEL, TrainedModels, load_trained_models, mapper_vectors, vae_vectors
-from indexer.store import Store, StoreError, unit_rows
+from indexer.store import Store, StoreError, schema, unit_rows
 
 # Bump when the JSON layout of `mammals query --json` changes (documented in README.md).
 QUERY_JSON_SCHEMA = "mammals.query/1"

@@ -18,10 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from indexer import schema
-from indexer.atomic import current_umask
 from indexer.latents import MAPPER, MODEL_SPACES, MODELS_DIR, VAE
-from indexer.store import Store, StoreError, utcnow
+from indexer.store import Store, StoreError, schema, utcnow
+from indexer.store.atomic import current_umask
 
 log = logging.getLogger(__name__)
 

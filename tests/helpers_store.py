@@ -16,8 +16,7 @@ import numpy as np
 import pandas as pd
 from deltalake import DeltaTable
 
-from indexer import schema
-from indexer.store import Store
+from indexer.store import Store, schema
 
 
 def new_rows(store: Store, tag: str, start: int, n: int) -> tuple[pd.DataFrame, dict[str, np.ndarray], pd.DataFrame]:

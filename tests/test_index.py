@@ -17,11 +17,10 @@ import pytest
 from PIL import Image
 
 from analysis.neighbours import knn_label_accuracy
-from indexer import schema
 from indexer.cli import main as cli
 from indexer.pipeline import run_index
 from indexer.query import query_images
-from indexer.store import Store
+from indexer.store import Store, schema
 from tests.conftest import PETS, WOOF, sample_photos
 
 # ------------------------------------------------------------------------------------------------- quality

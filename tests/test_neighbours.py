@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 
 from analysis.neighbours import knn_predictions, query_ids, query_images, query_texts
-from indexer import schema
 from indexer.cli import main as cli
 from indexer.encoders import load_encoder
 from indexer.pipeline import run_index
-from indexer.store import Store, StoreError, unit_rows
+from indexer.store import Store, StoreError, schema, unit_rows
 from tests.conftest import sample_photos
 
 

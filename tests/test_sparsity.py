@@ -17,10 +17,10 @@ from indexer.sparsity import (
     METRICS,
     SPARSITY_SCHEMA,
     SparsityRecorder,
-    _sparsity_metrics,
     activation_layers,
     sparsity_metrics,
 )
+from indexer.sparsity.metrics import _sparsity_metrics
 from tests.conftest import PETS
 
 # ------------------------------------------------------------------------------------------------- references
@@ -230,7 +230,7 @@ def test_random_vectors_match_the_textbook_formulas_on_both_sort_paths() -> None
 
 
 def test_torch_path_chunks_images(monkeypatch: pytest.MonkeyPatch) -> None:
-    import indexer.sparsity as sp
+    import indexer.sparsity.metrics as sp
 
     acts = torch.relu(torch.randn(5, 40, generator=torch.Generator().manual_seed(2)))
     whole = _sparsity_metrics(acts, 0.01, method="torch")

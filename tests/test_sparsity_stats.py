@@ -27,8 +27,7 @@ from analysis.sparsity_stats import (
     numeric_correlations,
     sparsity_matrix,
 )
-from indexer import schema
-from indexer.store import Store
+from indexer.store import Store, schema
 
 # ------------------------------------------------------------------------------------------------- builders
 

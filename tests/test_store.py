@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer import schema
 from indexer.cli import main as cli
-from indexer.store import Store, StoreError
+from indexer.store import Store, StoreError, schema
 from tests.conftest import PETS, REPO, sample_photos
 from tests.helpers_store import append_batches, check_consistent
 

@@ -9,11 +9,10 @@ import streamlit as st
 
 from dashboard import state, widgets
 from dashboard.settings import MAX_UPLOAD_MB, UPLOAD_TYPES
-from indexer import schema
 from indexer.encoders.registry import has_text_tower
 from indexer.images import ImageError
 from indexer.query import Neighbour
-from indexer.store import StoreError
+from indexer.store import StoreError, schema
 
 
 def upload_problem(size: int) -> str | None:

@@ -26,7 +26,7 @@ from indexer.encoders.registry import (
     probe_dim,
     resolve_device,
 )
-from indexer.hashing import file_sha256
+from indexer.store.hashing import file_sha256_cached
 
 NAME = "efficientnet-lite0"
 TIMM_ARCH = "tf_efficientnet_lite0"
@@ -190,6 +190,6 @@ def load_efficientnet_lite0(
         model=model,
         preprocess=preprocess,
         dim=dim,
-        weights_sha256=file_sha256(weights),
+        weights_sha256=file_sha256_cached(weights),
         preprocessing=preprocessing,
     )

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from indexer.encoders.base import Encoder, EncoderError
-from indexer.hashing import file_sha256
+from indexer.store.hashing import file_sha256_cached
 
 # Name pattern -> what it loads; shown by ``--help``.
 KNOWN_ENCODERS: dict[str, str] = {
@@ -336,7 +336,7 @@ def _load_open_clip(name: str, model_name: str, pretrained: str, device: torch.d
                     f"pass a local checkpoint: open_clip:{model_name}/<path> ({one_line(exc, 160)})"
                 ) from exc
             raise EncoderError(f"{name}: cannot fetch open_clip weights '{pretrained}' ({one_line(exc)})") from exc
-        sha = file_sha256(ckpt_file) if ckpt_file and os.path.isfile(ckpt_file) else f"tag:{pretrained}"
+        sha = file_sha256_cached(ckpt_file) if ckpt_file and os.path.isfile(ckpt_file) else f"tag:{pretrained}"
     else:
         path = Path(pretrained).expanduser()
         looks_like_file = os.sep in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES) or path.exists()
@@ -369,7 +369,7 @@ def _load_open_clip(name: str, model_name: str, pretrained: str, device: torch.d
             # (a local copy of an HF hub repo records the mean/std it was trained with).
             overrides = _preprocess_overrides(_read_open_clip_config(name, config_file)[1])
         pretrained = str(ckpt)
-        sha = file_sha256(ckpt)
+        sha = file_sha256_cached(ckpt)
 
     try:
         clip, _, preprocess = open_clip.create_model_and_transforms(
@@ -498,10 +498,10 @@ def _load_timm(name: str, model_name: str, weights: str, device: torch.device) -
     preprocess = Compose([EnsureRGB(), *timm_tf.transforms])
     dim = probe_dim(model, preprocess, device, name)
     if ckpt is not None:
-        sha = file_sha256(ckpt)
+        sha = file_sha256_cached(ckpt)
     else:
         hub_file = _timm_hub_file(dict(getattr(model, "pretrained_cfg", None) or {}))
-        sha = file_sha256(hub_file) if hub_file else f"tag:timm:{model_name}"
+        sha = file_sha256_cached(hub_file) if hub_file else f"tag:timm:{model_name}"
     preprocessing = describe_transform(preprocess)
     preprocessing["crop_pct"] = float(data_cfg.get("crop_pct", 1.0))
     return Encoder(

@@ -8,7 +8,6 @@ last the sha256, which catches same-shaped weights from another run.  Only safet
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,7 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from indexer.atomic import atomic_write, atomic_write_json
+from indexer.store.atomic import atomic_write, atomic_write_json
+from indexer.store.hashing import file_sha256
 
 
 @dataclass(frozen=True)
@@ -33,16 +33,6 @@ class CheckpointFormat:
     what: str  # "mapper", "VAE": used in "not a saved <what> directory?"
 
 
-def sha256_of(path: Path) -> str:
-    """sha256 of the file as it is now.  Deliberately not ``indexer.hashing.file_sha256``: that one caches by
-    (path, mtime, size), and a verification must notice a same-sized file swapped within one mtime tick."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_checkpoint(fmt: CheckpointFormat, directory: Path, state: Mapping[str, torch.Tensor],
                     meta: Mapping[str, Any]) -> dict[str, Any]:
     """Write the weights, then the JSON (``format``, ``format_version``, ``weights``, ``sha256``, ``torch`` and
@@ -55,7 +45,7 @@ def save_checkpoint(fmt: CheckpointFormat, directory: Path, state: Mapping[str, 
     weights = directory / fmt.weights_file
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     atomic_write(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"format": fmt.format}))
-    digest = sha256_of(weights)
+    digest = file_sha256(weights)
     record = {"format": fmt.format, "format_version": fmt.version, "weights": fmt.weights_file, "sha256": digest,
               "torch": torch.__version__, **meta}
     atomic_write_json(directory / fmt.meta_file, record)
@@ -89,7 +79,7 @@ class Checkpoint:
                 raise err(f"{self.weights}: {name} has shape {tuple(self.state[name].shape)}, {needs} needs "
                           f"{tuple(tensor.shape)}")
         # Shapes first, then the hash: a shape error says what is wrong; the hash catches same-shaped swaps.
-        if self.meta.get("sha256") and sha256_of(self.weights) != self.meta["sha256"]:
+        if self.meta.get("sha256") and file_sha256(self.weights) != self.meta["sha256"]:
             raise err(f"{self.weights}: sha256 differs from the one in {self.fmt.meta_file} "
                       "(weights from another run?)")
 

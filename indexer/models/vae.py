@@ -41,11 +41,11 @@ from torchvision import transforms
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from indexer.atomic import atomic_write
 from indexer.errors import UsageError
 from indexer.images import ImageError, load_image
 from indexer.models.checkpoint import CheckpointFormat, read_checkpoint, save_checkpoint
 from indexer.models.scoped import eval_mode, num_threads
+from indexer.store.atomic import atomic_write
 
 __all__ = [
     "FORMAT",

@@ -17,7 +17,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from indexer import schema
+from indexer.store import schema
 
 
 class StoreLockedError(RuntimeError):

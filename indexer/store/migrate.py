@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from indexer import schema
+from indexer.store import schema
 from indexer.store.lock import WriterLock
 from indexer.store.store import Store, StoreError
 

@@ -37,9 +37,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from indexer import __version__, defaults, schema
-from indexer.atomic import atomic_write_json, remove_stale_temp_files
-from indexer.store import tables, vectors
+from indexer import __version__, defaults
+from indexer.store import schema, tables, vectors
+from indexer.store.atomic import atomic_write_json, remove_stale_temp_files
 from indexer.store.lock import StoreLockedError, WriterLock
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from indexer import schema
-from indexer.store import tables, vectors
+from indexer.store import schema, tables, vectors
 from indexer.store.store import Store, StoreError, vectors_of
 
 log = logging.getLogger(__name__)

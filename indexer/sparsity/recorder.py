@@ -1,6 +1,6 @@
 """Per-layer activation sparsity, recorded with forward hooks while a model indexes images.
 
-For every image and every recorded layer we store four sparsity metrics of that layer's activations, as a long
+For every image and every recorded layer the four metrics of :mod:`indexer.sparsity.metrics` go into a long
 table ``(id, model, layer_index, layer_name, metric, value)`` (:data:`SPARSITY_SCHEMA`)::
 
     with SparsityRecorder(encoder, "encoder") as rec:
@@ -8,49 +8,6 @@ table ``(id, model, layer_index, layer_name, metric, value)`` (:data:`SPARSITY_S
             with rec.record(ids):
                 encoder(x)
     table = rec.frame()
-
-Metrics
--------
-The activations of one layer for one image are flattened to a vector ``a`` of ``n`` entries; ``|a|`` is taken
-element-wise, ``||a||_1 = sum_i |a_i|`` and ``||a||_2 = sqrt(sum_i a_i^2)``.
-
-``near_zero_fraction``
-    ``#{i : |a_i| <= t * s} / n`` with ``t`` the relative ``threshold`` (default :data:`DEFAULT_THRESHOLD`) and
-    ``s = max_i |a_i|`` the layer's scale for that image.  The scale is the *max*, not the RMS: exact zeros
-    (ReLU, ReLU6) count as near-zero under either, but the RMS of a k-sparse vector shrinks like ``sqrt(k/n)``,
-    so an RMS threshold drifts down exactly as the layer gets sparser and the metric loses sensitivity where it
-    matters; ``t * max`` reads as "below t of this image's peak response in this layer", is scale-invariant,
-    and for ``t < 1`` never counts the peak itself, so an image with any signal is never 100% near-zero.
-    (The cost: one outlier raises ``s``; ReLU6 caps it at 6 in the default encoder, and Hoyer/Gini below do not
-    depend on a threshold at all.)  All-zero activations: ``s = 0`` and the fraction is 1.0.
-``hoyer`` (Hoyer 2004, "Non-negative matrix factorization with sparseness constraints")
-    ``(sqrt(n) - ||a||_1 / ||a||_2) / (sqrt(n) - 1)`` in ``[0, 1]``: 1 for exactly one non-zero entry, 0 when all
-    magnitudes are equal.  All-zero: 1.0 (as for Gini, below).  ``n == 1``: the denominator is 0; we define 0.0
-    (a lone unit has nothing to be sparse relative to; this matches Gini, whose formula gives 0 at ``n == 1``).
-``gini`` (Hurley & Rickard 2009, "Comparing measures of sparsity")
-    sort ``|a|`` ascending as ``c_1 <= ... <= c_n``;
-    ``G = 1 - 2 * sum_k (c_k / ||c||_1) * ((n - k + 1/2) / n)``, in ``[0, 1 - 1/n]`` for a non-zero ``a``:
-    ``1 - 1/n`` for one non-zero entry, 0 for all-equal magnitudes.  All-zero: ``||c||_1 = 0`` makes it 0/0; we
-    define 1.0 because a layer with no active unit is the sparse end of the scale (it agrees with
-    ``near_zero_fraction = 1``), and a defined value keeps per-layer means free of NaN.  The formula is
-    evaluated in the equivalent form ``G = sum_k (2k - n - 1) * c_k / (n * ||c||_1)`` (expand
-    ``1 = sum_k c_k / ||c||_1``).
-``l1_l2_ratio``
-    ``||a||_1 / ||a||_2`` in ``[1, sqrt(n)]``, lower = sparser (1 for one non-zero entry, ``sqrt(n)`` for
-    all-equal magnitudes).  All-zero: 0.0.
-
-An image whose activations hold a NaN or an infinity in a layer gets NaN for every metric of that layer:
-a number computed from them would be meaningless.  Hoyer and Gini are clipped to ``[0, 1]`` to drop float
-rounding (around 1e-16) at the ends of their ranges; nothing else is clipped.
-
-Computation: exact (no sub-sampling), in float64, on the activations' device.  The cost is the sort Gini needs,
-done once per image and reused for every metric (max, the near-zero count by binary search, the L1 and L2
-sums).  The sort runs in the activations' own dtype: float32 -> float64 is exact and monotone, so the order is
-the same, at half the memory traffic; only the sorted values are widened.  On CPU the sort is NumPy's (SIMD
-sorts, several times faster than ``torch.sort`` here, and without the int64 index tensor ``torch.sort``
-allocates), one image per task, images spread over ``torch.get_num_threads()`` threads (NumPy releases the GIL
-while sorting; each image's numbers do not depend on the thread count); elsewhere (CUDA) it is one batched
-``torch.sort`` along dim 1 over chunks of images.  Only the ``(B,)`` results leave the device.
 
 Layers
 ------
@@ -69,17 +26,12 @@ One module object may run at several places of one forward (e.g. a shared ``nn.R
 own layer.  Calls are numbered in execution order within the forward: the first recorded batch fixes the order
 and every later batch must repeat it.  A module that runs once is named by its module name; one that runs ``m``
 times gives layers ``name#0`` ... ``name#{m-1}``.  ``layer_index`` is the 0-based execution order.
-
-:data:`DEFAULT_THRESHOLD` is defined here, not in ``indexer/defaults.py`` (that file is the pipeline's, kept by
-its owner); the CLI and the pipeline import it from this module.
 """
+
 
 from __future__ import annotations
 
-import math
-import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
@@ -91,24 +43,11 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-# The table's Arrow schema lives with the store's other on-disk contracts; re-exported here because this
-# module produces the table (its columns and dtypes are what frame() returns, see the tests).
-from indexer.schema import SPARSITY_SCHEMA
+# The table's Arrow schema lives with the store's other on-disk contracts.
+from indexer.sparsity.metrics import DEFAULT_THRESHOLD, METRICS, _check_threshold, sparsity_metrics
+from indexer.store.schema import SPARSITY_SCHEMA
 
-__all__ = [
-    "DEFAULT_THRESHOLD",
-    "METRICS",
-    "SPARSITY_SCHEMA",
-    "SparsityRecorder",
-    "activation_layers",
-    "sparsity_metrics",
-]
-
-METRICS: tuple[str, ...] = ("near_zero_fraction", "hoyer", "gini", "l1_l2_ratio")
-
-# 1% of the image's peak response in the layer: exact zeros always count, and in a ReLU6 layer whose peak is 6
-# anything below 0.06 does too, i.e. a unit that is all but off.
-DEFAULT_THRESHOLD: float = 0.01
+__all__ = ["SPARSITY_SCHEMA", "SparsityRecorder", "activation_layers"]
 
 # Sparsifying activation modules (see the module docstring for why saturating ones are excluded).
 # nn.ReLU6 subclasses nn.Hardtanh, which is deliberately not listed.
@@ -140,152 +79,6 @@ _TIMM_ACTIVATIONS: frozenset[str] = frozenset(
     }.items()
     for cls in classes
 )
-
-# Rows of images sorted together on non-CPU devices: bounds the float64 copy to 512 MiB.
-_DEVICE_CHUNK_ELEMENTS = 1 << 26
-
-
-# ------------------------------------------------------------------------------------------------- metrics
-
-
-def _check_threshold(threshold: float) -> float:
-    threshold = float(threshold)
-    if not 0.0 <= threshold < 1.0:
-        raise ValueError(f"threshold must be in [0, 1) (a fraction of the layer's max |a|), got {threshold}")
-    return threshold
-
-
-def _gini_weights(n: int, device: torch.device | None = None) -> torch.Tensor:
-    """``2k - n - 1`` for k = 1..n, in float64 (exact: integers below 2**53)."""
-    k = torch.arange(1, n + 1, dtype=torch.float64, device=device)
-    return 2.0 * k - (n + 1)
-
-
-def _row_sums(row: np.ndarray, weights: np.ndarray, threshold: float) -> tuple[float, float, float, float] | None:
-    """(L1, sum of squares, sum_k (2k - n - 1) c_k, near-zero count) of one image's |a| (``row``, our own copy,
-    sorted here in place); None when the image has a NaN or an infinity."""
-    row.sort()  # ascending; NaN sorts last, so row[-1] tells whether the image is finite
-    peak = float(row[-1])
-    if not math.isfinite(peak):
-        return None
-    # Zeros (ReLU: about half of the entries) add nothing to any sum: widen and reduce only the rest.
-    zeros = int(np.searchsorted(row, row.dtype.type(0), side="right"))
-    d = row[zeros:].astype(np.float64)
-    near = zeros + int(np.searchsorted(d, threshold * peak, side="right"))
-    # einsum, not BLAS (d @ d): single-threaded and deterministic, where OpenBLAS spins up its own threads
-    # inside our worker threads and, on a busy 2-core machine, was several times slower.
-    sumsq = np.einsum("i,i->", d, d)
-    gini_num = np.einsum("i,i->", d, weights[zeros:])
-    return float(d.sum()), float(sumsq), float(gini_num), float(near)
-
-
-def _sums_numpy(flat: torch.Tensor, threshold: float) -> tuple[torch.Tensor, ...]:
-    """Per-image sums from a CPU (B, n) tensor of activations (read, never written)."""
-    b, n = flat.shape
-    src = flat.numpy()
-    weights = _gini_weights(n).numpy()
-    local = threading.local()
-
-    def one(i: int) -> tuple[float, float, float, float] | None:
-        # |a| of one image into a buffer reused by this thread: no (B, n) copy, and the sort works in place.
-        buf = getattr(local, "buf", None)
-        if buf is None:
-            buf = local.buf = np.empty(n, dtype=src.dtype)
-        np.abs(src[i], out=buf)
-        return _row_sums(buf, weights, threshold)
-
-    # NumPy releases the GIL while it sorts and reduces, and torch's own threads are idle while a hook runs,
-    # so images are spread over as many threads as torch uses (each image's result does not depend on it).
-    workers = min(torch.get_num_threads(), b)
-    if workers > 1:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(one, range(b)))
-    else:
-        results = [one(i) for i in range(b)]
-    sums = np.array([r if r is not None else (0.0, 0.0, 0.0, 0.0) for r in results], dtype=np.float64)
-    sums = sums.reshape(b, 4)
-    finite = np.array([r is not None for r in results], dtype=bool)
-    l1, sumsq, gini_num, near = (torch.from_numpy(np.ascontiguousarray(sums[:, j])) for j in range(4))
-    return l1, sumsq, gini_num, near, torch.from_numpy(finite)
-
-
-def _sums_torch(mags: torch.Tensor, threshold: float) -> tuple[torch.Tensor, ...]:
-    """The same sums with batched ``torch.sort`` on the tensor's device (CUDA; also correct on CPU, only slower)."""
-    b, n = mags.shape
-    weights = _gini_weights(n, mags.device)
-    parts: list[list[torch.Tensor]] = [[], [], [], [], []]
-    step = max(1, _DEVICE_CHUNK_ELEMENTS // max(n, 1))
-    for start in range(0, b, step):
-        c = torch.sort(mags[start : start + step], dim=1).values.to(torch.float64)
-        peak = c[:, -1]
-        parts[0].append(c.sum(dim=1))
-        parts[1].append((c * c).sum(dim=1))
-        parts[2].append(c @ weights)
-        parts[3].append((c <= (threshold * peak)[:, None]).sum(dim=1).to(torch.float64))
-        parts[4].append(torch.isfinite(peak))
-    return tuple(torch.cat(p) for p in parts)
-
-
-def sparsity_metrics(acts: torch.Tensor, *, threshold: float = DEFAULT_THRESHOLD) -> dict[str, torch.Tensor]:
-    """Sparsity metrics of one layer's activations for a batch of images (formulas in the module docstring).
-
-    ``acts`` is ``(B, ...)``, flattened per image to ``(B, n)``.  Returns ``metric -> (B,)`` float64 tensors on
-    ``acts``' device (the CPU for MPS, which has no float64), keys in :data:`METRICS` order.  ``acts`` is not
-    modified.
-    """
-    return _sparsity_metrics(acts, threshold, method="auto")
-
-
-def _sparsity_metrics(acts: torch.Tensor, threshold: float, *, method: str) -> dict[str, torch.Tensor]:
-    """:func:`sparsity_metrics` with the sort implementation chosen: "auto", "numpy" (CPU) or "torch" (any
-    device); the tests check that they agree."""
-    threshold = _check_threshold(threshold)
-    if acts.dim() < 1:
-        raise ValueError("activations need a batch dimension: expected (B, ...), got a 0-d tensor")
-    if not acts.is_floating_point():
-        raise TypeError(f"activations must be floating point, got {acts.dtype}")
-    b = acts.shape[0]
-    n = acts[0].numel() if b else math.prod(acts.shape[1:])
-    if n == 0:
-        raise ValueError(f"activations have no entries per image: shape {tuple(acts.shape)}")
-    device = acts.device
-    # MPS has no float64: results stay on the CPU there.
-    out_device = torch.device("cpu") if device.type == "mps" else device
-    with torch.no_grad():
-        flat = acts.detach().reshape(b, n)
-        if method == "auto":
-            method = "numpy" if device.type == "cpu" else "torch"
-        if method == "numpy":
-            flat = flat.cpu()
-            if flat.dtype in (torch.float16, torch.bfloat16):  # NumPy has no bfloat16; widening is exact
-                flat = flat.float()
-            sums = _sums_numpy(flat, threshold)
-        elif method == "torch":
-            sums = _sums_torch(flat.to(out_device).abs(), threshold)  # abs: a new tensor, acts stay as they are
-        else:
-            raise ValueError(f"unknown method {method!r}")
-        l1, sumsq, gini_num, near, finite = (x.to(out_device) for x in sums)
-        return _combine(l1, sumsq, gini_num, near, finite, n)
-
-
-def _combine(
-    l1: torch.Tensor, sumsq: torch.Tensor, gini_num: torch.Tensor, near: torch.Tensor, finite: torch.Tensor, n: int
-) -> dict[str, torch.Tensor]:
-    """The four metrics from the per-image sums (all (B,) float64), with the edge cases of the module docstring."""
-    zero = l1 == 0  # sums of non-negative float32/float64 values: 0 exactly when every entry is 0
-    safe_l1 = torch.where(zero, torch.ones_like(l1), l1)
-    safe_l2 = torch.where(zero, torch.ones_like(l1), sumsq.sqrt())
-    ratio = torch.where(zero, torch.zeros_like(l1), safe_l1 / safe_l2)
-    root_n = math.sqrt(n)
-    if n == 1:
-        hoyer = torch.where(zero, 1.0, 0.0).to(torch.float64)
-    else:
-        hoyer = torch.where(zero, torch.ones_like(l1), ((root_n - ratio) / (root_n - 1.0)).clamp(0.0, 1.0))
-    gini = torch.where(zero, torch.ones_like(l1), (gini_num / (n * safe_l1)).clamp(0.0, 1.0))
-    out = {"near_zero_fraction": near / n, "hoyer": hoyer, "gini": gini, "l1_l2_ratio": ratio}
-    nan = torch.full_like(l1, math.nan)
-    return {k: torch.where(finite, out[k], nan) for k in METRICS}
-
 
 # ------------------------------------------------------------------------------------------------- layers
 

@@ -79,7 +79,7 @@ SPARSITY_SCHEMA = pa.schema(
         pa.field("model", pa.string(), nullable=False),  # "encoder" | "mapper" | "vae"
         pa.field("layer_index", pa.int32(), nullable=False),  # execution order, 0-based
         pa.field("layer_name", pa.string(), nullable=False),
-        pa.field("metric", pa.string(), nullable=False),  # see indexer.sparsity.METRICS
+        pa.field("metric", pa.string(), nullable=False),  # see indexer.sparsity.metrics.METRICS
         pa.field("value", pa.float64(), nullable=False),  # NaN only where the activations were not finite
     ]
 )
