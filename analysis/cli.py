@@ -202,7 +202,7 @@ def _conf_query(p: argparse.ArgumentParser) -> None:
 
 
 def _run_query(a: argparse.Namespace) -> int:
-    from indexer.query import QUERY_JSON_SCHEMA, query_ids, query_images, query_texts
+    from analysis.neighbours import QUERY_JSON_SCHEMA, query_ids, query_images, query_texts
     from indexer.store import Store
 
     if a.k < 1:
@@ -292,7 +292,7 @@ def _config_from_args(cls: type, a: argparse.Namespace) -> Any:
 
 
 def _run_train(a: argparse.Namespace) -> int:
-    from indexer.training import train_store_mapper, train_store_vae
+    from analysis.training import train_store_mapper, train_store_vae
 
     cfg = _config_from_args(_config_classes()[a.model], a)
     if a.model == "mapper":

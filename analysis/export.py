@@ -183,8 +183,8 @@ def to_latex(
     df: pd.DataFrame, *, caption: str, label: str, digits: int = 3, columns: Sequence[str] | None = None,
     index: bool = False, escape_caption: bool = True, position: str = "htbp",
 ) -> str:
-    """``df`` as a booktabs LaTeX table (``\\usepackage{booktabs}``), written directly so that escaping and
-    rounding are ours alone.
+    """``df`` as a booktabs LaTeX table (``\\usepackage{booktabs}``), through pandas' ``Styler.to_latex`` with our
+    own cell formatters, so that escaping and rounding are ours alone.
 
     * Text cells, column names and (unless ``escape_caption=False``, for a caption with math) the caption have
       ``\\ & % $ # _ { } ~ ^`` escaped; ``label`` is used as given and must not contain ``{ } \\ % #``.
@@ -202,21 +202,16 @@ def to_latex(
         data = data.reset_index()
     names = [str(c) for c in data.columns]
     formatters = [_column_formatter(data.iloc[:, j], names[j], digits) for j in range(data.shape[1])]
-    align = "".join(a for _, a in formatters)
-    lines = [
-        f"\\begin{{table}}[{position}]",
-        "\\centering",
-        f"\\caption{{{latex_escape(caption) if escape_caption else caption}}}",
-        f"\\label{{{label}}}",
-        f"\\begin{{tabular}}{{{align}}}",
-        "\\toprule",
-        " & ".join(latex_escape(n) for n in names) + " \\\\",
-        "\\midrule",
-    ]
-    for row in data.itertuples(index=False, name=None):
-        lines.append(" & ".join(fmt(v) for (fmt, _), v in zip(formatters, row, strict=True)) + " \\\\")
-    lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
-    return "\n".join(lines) + "\n"
+    # Positions as column labels: formatters apply per column even when two columns share a name.
+    data = data.set_axis(range(len(names)), axis=1)
+    styler = (data.style.hide(axis="index")
+              .format({j: fmt for j, (fmt, _) in enumerate(formatters)})
+              .format_index(lambda j: latex_escape(names[int(j)]), axis=1))
+    return styler.to_latex(
+        hrules=True, position=position, position_float="centering", label=label,
+        caption=latex_escape(caption) if escape_caption else caption,
+        column_format="".join(a for _, a in formatters),
+    )
 
 
 def save_latex(df: pd.DataFrame, path: Path, **kw: Any) -> None:

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from analysis.neighbours import BreedVote, Neighbour, breed_votes, search_vectors
 from indexer.images import load_image
 from indexer.latents import TrainedModels, load_trained_models
-from indexer.query import BreedVote, Neighbour, breed_votes, search_vectors
 from indexer.store import Store, StoreError, schema
 
 _MODELS: dict[tuple[str, str], TrainedModels] = {}

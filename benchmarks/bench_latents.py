@@ -16,10 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from analysis.training import train_store_mapper, train_store_vae
 from benchmarks.common import SHARED_DATA, write_results
 from indexer.pipeline import run_index
 from indexer.store import Store
-from indexer.training import train_store_mapper, train_store_vae
 
 
 def store_with_models_only(src: Path, dst: Path) -> None:

@@ -23,18 +23,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
-from indexer.images import ImageError, load_image
 from indexer.store import Store, StoreError, schema
 
 if TYPE_CHECKING:
     from analysis.clusters import ClusterParams
     from analysis.maps import MapParams
-    from indexer.encoders import Encoder
-    from indexer.query import BreedVote, Neighbour
+    from analysis.neighbours import BreedVote, Encoder, Neighbour, QueryResult
 
 STORE_ENV = "MAMMALS_STORE"
 THUMB_SIDE = 160  # px: big enough to recognise a breed, small enough for a gallery of 50 at once
@@ -164,25 +161,22 @@ def thumbnail(key: StoreKey, image_id: str, side: int = THUMB_SIDE) -> bytes:
     loader; nothing a user types or uploads ever becomes a path here.  An id the store does not hold, or a
     file that has since moved or broken, gives a grey placeholder instead of an error.
     """
+    from analysis import photos
+
     file = _id_paths(key.path, key.version).get(image_id)
     if file is None:
         return _placeholder(side, "not in store")
-    try:
-        _, img = load_image(Path(file))
-    except ImageError as e:
-        return _placeholder(side, e.reason[:24])
-    img.thumbnail((side, side))
-    return _jpeg(img)
+    img = photos.thumbnail(file, side)
+    return _placeholder(side, img[:24]) if isinstance(img, str) else _jpeg(img)
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
 def upload_preview(data: bytes, name: str, side: int = 2 * THUMB_SIDE) -> bytes:
-    """A JPEG preview of an uploaded photo, decoded by the indexer's safe decoder (raises ``ImageError``)."""
-    from indexer.images import decode_image
+    """A JPEG preview of an uploaded photo, decoded by the indexer's safe decoder (a placeholder if it cannot)."""
+    from analysis import photos
 
-    img = decode_image(data, name)
-    img.thumbnail((side, side))
-    return _jpeg(img)
+    img = photos.preview(data, name, side)
+    return _placeholder(side, img[:24]) if isinstance(img, str) else _jpeg(img)
 
 
 def image_bytes(images: list[Any]) -> list[bytes]:
@@ -288,10 +282,9 @@ def breed_heatmap(key: StoreKey, model: str, metric: str, label: str = "breed") 
 @st.cache_resource(max_entries=2, show_spinner="Loading the store's encoder…")
 def encoder(path: str, version: str) -> Encoder:
     """The store's own encoder (refusing other weights), loaded once per store version."""
-    from indexer.encoders.registry import resolve_device
-    from indexer.query import encoder_for_store
+    from analysis.neighbours import encoder_for_store
 
-    return encoder_for_store(open_store(path, version), str(resolve_device("auto")))
+    return encoder_for_store(open_store(path, version), "auto")
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
@@ -299,7 +292,7 @@ def neighbours_of_indexed(key: StoreKey, image_id: str, space: str, k: int, excl
                           ) -> list[Neighbour]:
     """The k nearest images of an indexed image in a space, from its stored vector (``query_ids``): without
     ``exclude_self`` it ranks first itself."""
-    from indexer.query import query_ids
+    from analysis.neighbours import query_ids
 
     result = query_ids(store_for(key), [image_id], k=k, space=space, exclude_self=exclude_self)[0]
     if result.error:  # the picker only offers indexed ids, so this is a store changed under the page
@@ -308,37 +301,32 @@ def neighbours_of_indexed(key: StoreKey, image_id: str, space: str, k: int, excl
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def neighbours_of_upload(key: StoreKey, data: bytes, name: str, space: str, k: int) -> list[Neighbour]:
-    """Decode an uploaded photo safely, project it into ``space`` with the store's models, search.
+def neighbours_of_upload(key: StoreKey, data: bytes, name: str, space: str, k: int) -> QueryResult:
+    """An uploaded photo's neighbours in ``space`` (``analysis.neighbours.query_photo_bytes``): bytes that are not
+    a usable image give a result with ``error``; a space whose model is missing raises ``StoreError``."""
+    from analysis.neighbours import query_photo_bytes
 
-    Raises ``ImageError`` for bytes that are not a usable image and ``StoreError`` for a space whose model is
-    missing; the page turns both into a message.
-    """
-    from analysis.latent import trained_models as load_models
-    from indexer.encoders.registry import resolve_device
-    from indexer.images import decode_image
-    from indexer.query import project_image, search_vectors
-
-    store = store_for(key)
-    img = decode_image(data, name)
-    enc = encoder(key.path, key.version)
-    models = None if space == schema.ENCODER_SPACE else load_models(store)
-    vec = project_image(img, space, enc, models, resolve_device("auto"))
-    return search_vectors(store, np.asarray(vec), k=k, space=space)[0]
+    return query_photo_bytes(store_for(key), data, name, k=k, space=space, encoder=encoder(key.path, key.version))
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def neighbours_of_text(key: StoreKey, prompt: str, k: int) -> list[Neighbour]:
     """The k nearest images of a text prompt in the encoder space (open_clip stores; ``StoreError`` otherwise)."""
-    from indexer.query import query_texts
+    from analysis.neighbours import query_texts
 
     store = store_for(key)
     result = query_texts(store, [prompt], k=k, encoder=encoder(key.path, key.version))[0]
     return result.neighbours
 
 
+def accepts_text(key: StoreKey) -> bool:
+    from analysis.neighbours import accepts_text
+
+    return accepts_text(store_for(key))
+
+
 def votes(neighbours: list[Neighbour]) -> list[BreedVote]:
-    from indexer.query import breed_votes
+    from analysis.neighbours import breed_votes
 
     return breed_votes(neighbours)
 

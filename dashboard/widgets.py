@@ -14,7 +14,7 @@ from dashboard import state
 from dashboard.state import StoreKey
 
 if TYPE_CHECKING:
-    from indexer.query import BreedVote, Neighbour
+    from analysis.neighbours import BreedVote, Neighbour
     from indexer.store import Store
 
 MAX_PICKER_OPTIONS = 2_000  # a selectbox with 100k options would ship them all to the browser on every rerun

@@ -1,15 +1,24 @@
-"""Shared fixtures: the real shared photos, and one store of them built once per test session.
+"""Shared fixtures: the real shared photos, one store of them and the default models, each built once per run.
 
-Indexing 1,140 photos takes about a minute on a 2-core CPU, so every test that needs the pets store reads the
-same one; tests that change a store work on a copy.
+Indexing 1,140 photos takes about a minute on a 2-core CPU and training the default mapper and VAE a few more,
+so every test that needs them reads the same ones; tests that change a store work on a copy.
+
+The shared photos are required: without ``../shared/data`` the run fails at collection (a CI that silently
+skipped every quality test would be green and worthless).
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from analysis.training import FittedVAE
+    from indexer.models.mapper import MapperResult
+    from indexer.models.vae import VAEResult
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -18,12 +27,11 @@ WOOF = SHARED_DATA / "imagewoof-scale"
 CATS = SHARED_DATA / "cats-unlabelled"
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not PETS.is_dir():
-        skip = pytest.mark.skip(reason=f"{PETS} is missing (the shared photos sit beside the checkout)")
-        for item in items:
-            if {"pets_store", "clip_store"} & set(getattr(item, "fixturenames", ())):
-                item.add_marker(skip)
+def pytest_configure(config: pytest.Config) -> None:
+    missing = [p for p in (PETS, WOOF, CATS) if not p.is_dir()]
+    if missing:
+        raise pytest.UsageError(f"the shared photos are missing: {', '.join(map(str, missing))} (they sit beside "
+                                "the checkout in ../shared/data; see ../shared/data/README.md)")
 
 
 @pytest.fixture(scope="session")
@@ -38,15 +46,37 @@ def pets_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pets_store_full(pets_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The pets store with a mapper and a VAE trained with their defaults and every space indexed (read-only)."""
+def default_mapper(pets_store: Path) -> MapperResult:
+    """The mapper trained with ``MapperConfig()`` on the pets store (as `mammals train mapper` does), once a run."""
+    from analysis.training import fit_store_mapper
+
+    return fit_store_mapper(pets_store, progress=False)
+
+
+@pytest.fixture(scope="session")
+def default_vae_fit(pets_store: Path) -> FittedVAE:
+    """The VAE trained with ``VAEConfig()`` on the pets store's photos (as `mammals train vae` does), once a run."""
+    from analysis.training import fit_store_vae
+
+    return fit_store_vae(pets_store, progress=False)
+
+
+@pytest.fixture(scope="session")
+def default_vae(default_vae_fit: FittedVAE) -> VAEResult:
+    return default_vae_fit.result
+
+
+@pytest.fixture(scope="session")
+def pets_store_full(pets_store: Path, default_mapper: MapperResult, default_vae_fit: FittedVAE,
+                    tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pets store with the default mapper and VAE installed and every space indexed (read-only)."""
+    from analysis.training import install_mapper, install_vae
     from indexer.pipeline import run_index
-    from indexer.training import train_store_mapper, train_store_vae
 
     store = tmp_path_factory.mktemp("stores") / "pets-full"
     shutil.copytree(pets_store, store)
-    train_store_mapper(store, progress=False)
-    train_store_vae(store, progress=False)
+    install_mapper(store, default_mapper)
+    install_vae(store, default_vae_fit)
     report = run_index([PETS], store, progress=False)
     assert report.added == 0 and set(report.recomputed) == {"mapper_id", "mapper_attr", "vae_mu", "vae_logvar"}
     return store

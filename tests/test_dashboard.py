@@ -127,7 +127,7 @@ def test_clusters_page_has_galleries_and_agreement(pets_store_full: Path, monkey
 @pytest.mark.parametrize("space", ["encoder", "mapper_id"])
 def test_query_with_an_indexed_photo_finds_its_breed_first(pets_store_full: Path, monkeypatch: pytest.MonkeyPatch,
                                                            space: str) -> None:
-    from indexer.query import query_ids
+    from analysis.neighbours import query_ids
     from indexer.store import Store
 
     store = Store.open(pets_store_full)
@@ -334,10 +334,11 @@ def test_cli_registers_dashboard_and_binds_localhost(tmp_path: Path, capsys: pyt
     from indexer.cli import build_parser, main
 
     a = build_parser().parse_args(["dashboard", str(tmp_path)])
-    assert (a.port, a.host) == (8501, "127.0.0.1")
-    cmd = streamlit_command(tmp_path, port=9999, host="127.0.0.1")
+    # The defaults the command line gives, passed on as `mammals dashboard` does: the server binds localhost.
+    cmd = streamlit_command(tmp_path, port=a.port, host=a.host)
     assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4].endswith("dashboard/app.py")
     assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--server.port") + 1] == "8501"
     assert cmd[cmd.index("--server.headless") + 1] == "true"
     assert cmd[-3:] == ["--", "--store", str(tmp_path)]
     # A folder that is no store: one line, exit 2, no server started.

@@ -72,7 +72,6 @@ def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
 
 
 @linux_only
-@pytest.mark.skipif(not PETS.is_dir(), reason=f"{PETS} is missing")
 def test_workers_die_when_the_parent_is_sigkilled() -> None:
     photos = [str(p) for p in sample_photos(40, step=17)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}

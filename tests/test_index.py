@@ -16,10 +16,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from analysis.neighbours import knn_label_accuracy
+from analysis.evaluate import knn_label_accuracy
+from analysis.neighbours import query_images
 from indexer.cli import main as cli
 from indexer.pipeline import run_index
-from indexer.query import query_images
 from indexer.store import Store, schema
 from tests.conftest import PETS, WOOF, sample_photos
 

@@ -94,7 +94,8 @@ def test_default_clusters_are_breed_sized_groups(store_path: Path, default_clust
     assert (frame["soft_cluster"] >= 0).all()
     hard = frame["cluster"] >= 0
     assert (frame.loc[hard, "soft_cluster"] == frame.loc[hard, "cluster"]).all()
-    assert frame["probability"].between(0, 1).all()
+    # Hard members are more certain than noise points (HDBSCAN gives noise probability 0).
+    assert frame.loc[hard, "probability"].mean() > 0.5
 
     table = label_agreement(store, frame)
     print(table.to_string())
@@ -110,7 +111,6 @@ def test_default_clusters_are_breed_sized_groups(store_path: Path, default_clust
     summary = cluster_summary(store, frame, "breed")
     assert summary["size"].sum() == len(frame)
     real = summary[~summary["noise"]]
-    assert real["purity"].between(0, 1).all()
     assert (real["majority_count"] <= real["n_labelled"]).all()
     assert list(real["size"]) == sorted(real["size"], reverse=True)
     if (frame["cluster"] < 0).any():

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.neighbours import knn_predictions, query_ids, query_images, query_texts
+from analysis.evaluate import knn_predictions
+from analysis.neighbours import query_ids, query_images, query_texts
 from indexer.cli import main as cli
 from indexer.encoders import load_encoder
 from indexer.pipeline import run_index

@@ -77,8 +77,8 @@ def test_second_writer_refuses_with_one_line_or_waits(tmp_path: Path) -> None:
 
 
 def test_train_refuses_at_once_when_the_store_is_being_written(pets_store_copy: Path) -> None:
+    from analysis.training import train_store_mapper
     from indexer.store.lock import WriterLock
-    from indexer.training import train_store_mapper
 
     with WriterLock(pets_store_copy), pytest.raises(StoreError, match="being written by PID"):
         train_store_mapper(pets_store_copy, progress=False)
@@ -290,9 +290,9 @@ def test_schema_1_store_is_refused_then_migrated_without_reembedding(pets_store:
 
 
 def test_photo_unreadable_at_vae_backfill_is_left_out_not_zeroed(tmp_path: Path) -> None:
+    from analysis.training import train_store_vae
     from indexer.models.vae import VAEConfig
     from indexer.pipeline import run_index
-    from indexer.training import train_store_vae
 
     src = _photos_folder(tmp_path / "src", sample_photos(16))
     store = tmp_path / "store"

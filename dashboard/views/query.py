@@ -4,15 +4,16 @@ a text prompt (open_clip stores)."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import streamlit as st
 
 from dashboard import state, widgets
 from dashboard.settings import MAX_UPLOAD_MB, UPLOAD_TYPES
-from indexer.encoders.registry import has_text_tower
-from indexer.images import ImageError
-from indexer.query import Neighbour
 from indexer.store import StoreError, schema
+
+if TYPE_CHECKING:
+    from analysis.neighbours import Neighbour
 
 
 def upload_problem(size: int) -> str | None:
@@ -39,16 +40,16 @@ def _uploaded_neighbours(key: state.StoreKey, space: str, k: int) -> list[Neighb
     data = file.getvalue()
     try:
         with st.spinner("Embedding the photo…"):
-            found = state.neighbours_of_upload(key, data, file.name, space, k)
-    except ImageError as e:
-        st.error(f"Could not read {widgets.plain(file.name)}: {e.reason}.")
-        return None
+            result = state.neighbours_of_upload(key, data, file.name, space, k)
     except StoreError as e:
         st.error(str(e))
         return None
+    if result.error:
+        st.error(f"Could not read {widgets.plain(file.name)}: {result.error}.")
+        return None
     # The decoded, downsized photo is shown, never the uploaded bytes themselves.
     st.image(state.upload_preview(data, file.name), caption=file.name, width=160)
-    return found
+    return result.neighbours
 
 
 def _text_neighbours(key: state.StoreKey, k: int) -> list[Neighbour] | None:
@@ -72,7 +73,7 @@ def render() -> None:
     st.title("Query")
     spaces = store.space_names()
     sources = ["Indexed photo", "Upload"]
-    if has_text_tower(store.encoder["name"]):
+    if state.accepts_text(key):
         sources.append("Text prompt")
     c1, c2, c3 = st.columns([2, 2, 1])
     source = c1.radio("Query", sources, horizontal=True, key="query-source")

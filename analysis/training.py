@@ -1,4 +1,8 @@
-"""`mammals train mapper|vae`: train a store's models on what the store holds and register them in its manifest.
+"""`mammals train mapper|vae`: train a store's models on what the store holds, evaluate them and register them.
+
+Training itself is the models' (:mod:`indexer.models`); this module feeds them the store's vectors or photos,
+adds the neighbour-vote measures of :mod:`analysis.evaluate` to their reports (which is why it lives in the
+analysis layer), and installs the result.
 
 A trained model goes into ``STORE/models/<model>/<sha256[:16]>/`` (written into a temp folder and renamed), the
 manifest is swapped to name it, and only then is the previous version removed: a run killed at any point
@@ -12,8 +16,9 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,6 +26,10 @@ import torch
 from indexer.latents import MAPPER, MODEL_SPACES, MODELS_DIR, VAE
 from indexer.store import Store, StoreError, schema, utcnow
 from indexer.store.atomic import current_umask
+
+if TYPE_CHECKING:
+    from indexer.models.mapper import MapperConfig, MapperResult
+    from indexer.models.vae import VAEConfig, VAEResult
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +82,14 @@ def _labelled_breeds(store: Store, ids: list[str]) -> list[str | None]:
     return [None if b is None or (isinstance(b, float) and np.isnan(b)) else str(b) for b in breeds]
 
 
-def train_store_mapper(store_path: Path, config: Any = None, *, progress: bool = True) -> dict[str, Any]:
-    """Train the identity/attribute mapper on the store's encoder embeddings and breed labels."""
-    from indexer.models.mapper import MapperConfig, save_mapper, train_mapper
+def fit_store_mapper(store_path: Path, config: MapperConfig | None = None, *,
+                     progress: bool = True) -> MapperResult:
+    """Train the identity/attribute mapper on the store's encoder embeddings and breed labels (nothing is written).
 
-    _check_writable(store_path)
+    The report gets the held-out kNN breed accuracy of the raw embeddings and of both codes (same split, same k)."""
+    from analysis.evaluate import knn_accuracy
+    from indexer.models.mapper import MapperConfig, encode, train_mapper
+
     store = Store.open(store_path)
     cfg = config or MapperConfig()
     sp = store.space(schema.ENCODER_SPACE)
@@ -85,27 +97,51 @@ def train_store_mapper(store_path: Path, config: Any = None, *, progress: bool =
     if sum(b is not None for b in breeds) < 2 or len({b for b in breeds if b}) < 2:
         raise StoreError(f"{store_path}: the mapper needs breed labels for at least two breeds")
     result = train_mapper(sp.vectors, breeds, sp.ids, cfg, progress=progress)
+    z_id, z_attr = encode(result.mapper, sp.vectors)
+    rows = {part: [i for i, (id_, b) in enumerate(zip(sp.ids, breeds, strict=True))
+                   if b is not None and result.split.get(id_) == part] for part in ("train", "val")}
+    tr, va = rows["train"], rows["val"]
+    ytr, yva = [str(breeds[i]) for i in tr], [str(breeds[i]) for i in va]
+    for name, x in (("raw", sp.vectors), ("z_id", z_id), ("z_attr", z_attr)):
+        result.report[f"val_knn_breed_acc_{name}"] = knn_accuracy(x[tr], ytr, x[va], yva, cfg.knn_k)
+    return result
+
+
+def install_mapper(store_path: Path, result: MapperResult) -> dict[str, Any]:
+    """Save a trained mapper into the store and register it (its spaces are recomputed by the next index run)."""
+    from indexer.models.mapper import save_mapper
+
+    store = Store.open(store_path)
     tmp = _temp_model_dir(store, MAPPER)
     saved = save_mapper(result, tmp)
-    info = {"sha256": saved["sha256"], "config": cfg.to_dict(), "report": result.report,
-            "trained_on": {"images": len(sp.ids), "encoder": store.encoder["name"]}}
+    info = {"sha256": saved["sha256"], "config": result.config.to_dict(), "report": result.report,
+            "trained_on": {"images": len(result.split), "encoder": store.encoder["name"]}}
     final = _install_model(store_path, MAPPER, tmp, info)
     return {**info, "dir": str(final)}
 
 
-def train_store_vae(store_path: Path, config: Any = None, *, progress: bool = True,
-                    workers: int = 1) -> dict[str, Any]:
-    """Train the convolutional VAE on the store's photos; write grids; check reconstructions' species."""
-    from indexer.models.vae import (
-        VAEConfig,
-        load_images,
-        save_reconstruction_grid,
-        save_sample_grid,
-        save_vae,
-        train_vae,
-    )
-
+def train_store_mapper(store_path: Path, config: MapperConfig | None = None, *,
+                       progress: bool = True) -> dict[str, Any]:
+    """`mammals train mapper`: refuse early if the store is being written, fit, evaluate, install."""
     _check_writable(store_path)
+    return install_mapper(store_path, fit_store_mapper(store_path, config, progress=progress))
+
+
+@dataclass
+class FittedVAE:
+    """A trained VAE and its validation photos (the reconstruction grid is drawn from them when installed)."""
+
+    result: VAEResult
+    val_images: torch.Tensor
+
+
+def fit_store_vae(store_path: Path, config: VAEConfig | None = None, *, progress: bool = True,
+                  workers: int = 1) -> FittedVAE:
+    """Train the convolutional VAE on the store's photos (nothing is written); the report gets the species
+    agreement of its validation reconstructions."""
+    from analysis.evaluate import reconstruction_species_agreement
+    from indexer.models.vae import VAEConfig, load_images, train_vae
+
     store = Store.open(store_path)
     cfg = config or VAEConfig()
     ids = store.images["id"].tolist()
@@ -115,46 +151,31 @@ def train_store_vae(store_path: Path, config: Any = None, *, progress: bool = Tr
     result = train_vae(images, ids, cfg, progress=progress)
     val_rows = [k for k, i in enumerate(ids) if result.split.get(i) == "val"]
     val_images = images[val_rows]
-    report: dict[str, Any] = dict(result.report)
-    report["val_species_agreement"] = reconstruction_species_agreement(store, result.model, val_images,
-                                                                       [ids[k] for k in val_rows])
+    agreement = reconstruction_species_agreement(store, result.model, val_images, [ids[k] for k in val_rows])
+    if agreement is not None:  # None: no validation photo has a species label
+        result.report["val_species_agreement"] = agreement
+    return FittedVAE(result, val_images)
+
+
+def install_vae(store_path: Path, fitted: FittedVAE) -> dict[str, Any]:
+    """Save a trained VAE and its grids into the store and register it."""
+    from indexer.models.vae import save_reconstruction_grid, save_sample_grid, save_vae
+
+    store = Store.open(store_path)
+    result = fitted.result
     tmp = _temp_model_dir(store, VAE)
     saved = save_vae(result, tmp)
-    save_reconstruction_grid(result.model, val_images, tmp / "reconstructions.png")
-    save_sample_grid(result.model, tmp / "samples.png", seed=cfg.seed)
-    info = {"sha256": saved["sha256"], "config": cfg.to_dict(), "report": report,
-            "trained_on": {"images": len(ids)}}
+    save_reconstruction_grid(result.model, fitted.val_images, tmp / "reconstructions.png")
+    save_sample_grid(result.model, tmp / "samples.png", seed=result.config.seed)
+    info = {"sha256": saved["sha256"], "config": result.config.to_dict(), "report": result.report,
+            "trained_on": {"images": len(result.split)}}
     final = _install_model(store_path, VAE, tmp, info)
     return {**info, "dir": str(final), "reconstructions_png": str(final / "reconstructions.png"),
             "samples_png": str(final / "samples.png")}
 
 
-@torch.inference_mode()
-def reconstruction_species_agreement(store: Store, vae: Any, images: torch.Tensor, ids: list[str],
-                                     k: int = 10) -> float | None:
-    """How often the pretrained encoder puts a VAE reconstruction in the same species as its original.
-
-    Each reconstruction is embedded with the store's encoder and given the species of a similarity-weighted
-    vote of its k nearest indexed photos (the original excluded); compared with the original's label.
-    """
-    from indexer.extract import embed
-    from indexer.models.vae import decode_latents, encode_images, to_pil
-    from indexer.query import encoder_for_store, search_vectors
-
-    species = store.images.set_index("id").loc[ids, "species"]
-    keep = [k_ for k_, s in enumerate(species) if isinstance(s, str)]
-    if not keep:
-        return None
-    enc = encoder_for_store(store)
-    recon = decode_latents(vae, encode_images(vae, images[keep]))
-    batch = torch.stack([enc.preprocess(im) for im in to_pil(recon)])
-    vecs = embed(enc.model, batch, torch.device("cpu"))
-    hits = 0
-    for row, nbrs in zip(keep, search_vectors(store, vecs, k=k + 1), strict=True):
-        votes: dict[str, float] = {}
-        for n in [n for n in nbrs if n.id != ids[row]][:k]:
-            if n.species:
-                votes[n.species] = votes.get(n.species, 0.0) + max(n.similarity, 0.0)
-        if votes and max(votes, key=lambda s: votes[s]) == species.iloc[row]:
-            hits += 1
-    return hits / len(keep)
+def train_store_vae(store_path: Path, config: VAEConfig | None = None, *, progress: bool = True,
+                    workers: int = 1) -> dict[str, Any]:
+    """`mammals train vae`: refuse early if the store is being written, fit, evaluate, install."""
+    _check_writable(store_path)
+    return install_vae(store_path, fit_store_vae(store_path, config, progress=progress, workers=workers))
