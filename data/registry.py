@@ -1,40 +1,33 @@
-"""The registry of public cat/dog datasets (``data/datasets.json``) and a stdlib-only downloader.
+"""The registry of public cat/dog datasets (``data/datasets.json``) and its downloader.
 
 The registry says where each dataset comes from, its licence, the checksums published for its files,
-and which Mammals Space layout reads the extracted folder.  The downloader streams each file to a
-temporary file, verifies it, renames it into place atomically, and extracts archives while refusing
-members that would land outside the destination folder.
+and which Mammals Space layout reads the extracted folder.  Downloads go through `pooch`: it streams
+each file to a temporary file beside the target, shows a `tqdm` progress bar, verifies the published
+checksum, retries failed attempts and renames the file into place only once it is verified.  This
+module adds the mirrors, one-line errors, and extraction that refuses members that would land outside
+the destination folder.
 
-Command line (run from the repository root)::
-
-    python -m data.registry list [--json]
-    python -m data.registry show NAME [--json]
-    python -m data.registry download NAME DEST [--force] [--no-extract] [--delete-archives]
-
-Exit codes: 0 success, 1 the download or extraction failed (network, checksum, bad archive),
-2 a user error (unknown dataset, Kaggle-only dataset, bad arguments), 130 interrupted.
+Command line: ``mammals data list|show|download`` (see :mod:`data.cli`); ``python -m data.registry``
+runs the same subcommand.
 """
 
 from __future__ import annotations
 
-import argparse
+import functools
 import hashlib
-import http.client
 import json
 import logging
-import os
 import re
 import sys
 import tarfile
-import tempfile
 import time
-import urllib.error
-import urllib.request
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, TextIO
+from typing import Any
+
+from indexer.errors import UsageError
 
 log = logging.getLogger("data.registry")
 
@@ -48,7 +41,7 @@ LAYOUTS: tuple[str, ...] = ("species-breed", "stanford-dogs", "oxford-pet", "bre
 SPECIES: tuple[str, ...] = ("cat", "dog", "both")
 
 # Same list as indexer.defaults.IMAGE_EXTENSIONS (a test keeps them equal); repeated here so that this
-# module stays importable without the indexer and its heavy dependencies.
+# module stays importable without the indexer's heavy dependencies.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 REQUIRED_KEYS: tuple[str, ...] = (
@@ -68,8 +61,8 @@ REQUIRED_LOCAL_KEYS: tuple[str, ...] = ("name", "path", "layout", "species", "im
 
 _HEX = {"md5": re.compile(r"[0-9a-f]{32}"), "sha256": re.compile(r"[0-9a-f]{64}")}
 _ARCHIVE_SUFFIXES: tuple[str, ...] = (".tar.gz", ".tgz", ".tar", ".zip")
-_CHUNK = 1024 * 1024
-_USER_AGENT = "mammals-space-data-registry/1 (+python urllib)"
+_CHUNK = 1024 * 1024  # bytes per read while streaming a download
+_USER_AGENT = "mammals-space-data-registry/2 (+pooch)"
 # Where download() records which archives were fully extracted, so a re-run skips them.
 _STATE_DIR = ".mammals-registry"
 
@@ -77,10 +70,8 @@ _STATE_DIR = ".mammals-registry"
 # --------------------------------------------------------------------------------------------- errors
 
 
-class RegistryError(Exception):
-    """A problem shown to the user as one line; ``exit_code`` is what the CLI exits with."""
-
-    exit_code = 1
+class RegistryError(UsageError):
+    """A problem the user can act on, shown as one line (``mammals data`` exits with code 2)."""
 
 
 class RegistryFormatError(RegistryError):
@@ -90,13 +81,9 @@ class RegistryFormatError(RegistryError):
 class UnknownDatasetError(RegistryError):
     """No dataset of that name in the registry."""
 
-    exit_code = 2
-
 
 class KaggleOnlyError(RegistryError):
     """The dataset can only be fetched with a Kaggle account; the message says how."""
-
-    exit_code = 2
 
 
 class NetworkError(RegistryError):
@@ -111,7 +98,7 @@ class NetworkError(RegistryError):
 
 
 class IntegrityError(RegistryError):
-    """A downloaded file's checksum or size differs from the registry's; the file was deleted."""
+    """A downloaded file's checksum differs from the registry's; the download was deleted."""
 
 
 class UnsafeArchiveError(RegistryError):
@@ -381,21 +368,11 @@ def count_images(folder: Path | str) -> int:
 
 
 def file_digest(path: Path | str, algo: str) -> str:
-    """Hex digest (``md5`` or ``sha256``) of a file, read in chunks so large archives fit in memory."""
-    h = _new_hash(algo)
+    """Hex digest (``md5`` or ``sha256``) of a file (md5 only ever serves as an integrity check here)."""
+    if algo not in _HEX:
+        raise ValueError(f"unsupported checksum algorithm {algo!r} (use md5 or sha256)")
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _new_hash(algo: str) -> Any:
-    """A fresh hashlib object; md5 is flagged as not-for-security (it is only an integrity check)."""
-    if algo == "md5":
-        return hashlib.md5(usedforsecurity=False)
-    if algo == "sha256":
-        return hashlib.sha256()
-    raise ValueError(f"unsupported checksum algorithm {algo!r} (use md5 or sha256)")
+        return hashlib.file_digest(fh, functools.partial(hashlib.new, algo, usedforsecurity=False)).hexdigest()
 
 
 def _expected_digests(expected: str | None, md5: str | None, sha256: str | None) -> dict[str, str]:
@@ -434,59 +411,38 @@ def verify_file(
     return all(file_digest(path, algo) == value for algo, value in digests.items())
 
 
+def known_hash(md5: str | None, sha256: str | None) -> str | None:
+    """pooch's ``known_hash`` for a file: ``"sha256:…"`` where one is published (the stronger), else
+    ``"md5:…"``, else None (the file is then downloaded unverified)."""
+    if md5 is None and sha256 is None:
+        return None
+    digests = _expected_digests(None, md5, sha256)
+    algo = "sha256" if "sha256" in digests else "md5"
+    return f"{algo}:{digests[algo]}"
+
+
 # ------------------------------------------------------------------------------------------ download
 
 
-class _Progress:
-    """A throttled progress line on stderr: rewritten in place on a terminal, a line every few seconds
-    otherwise (so logs stay short)."""
+class _PoochToLog(logging.Handler):
+    """Hands pooch's messages ("Downloading file …", "Failed to download … will attempt again") to this
+    module's logger, so that they follow ``-q``/``-v`` and the CLI's format (pooch's own logger is not
+    part of the logging tree and prints to stderr by itself)."""
 
-    def __init__(self, label: str, total: int | None, stream: TextIO | None = None, enabled: bool = True) -> None:
-        self.label = label
-        self.total = total
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = enabled
-        self.done = 0
-        self.start = time.monotonic()
-        self.last = 0.0
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-
-    def update(self, n: int) -> None:
-        """Count ``n`` more bytes and redraw if enough time has passed."""
-        self.done += n
-        now = time.monotonic()
-        if self.enabled and now - self.last >= (0.5 if self.tty else 5.0):
-            self.last = now
-            self._write(final=False)
-
-    def close(self) -> None:
-        """Draw the final state and end the line."""
-        if self.enabled:
-            self._write(final=True)
-
-    def _write(self, final: bool) -> None:
-        elapsed = max(time.monotonic() - self.start, 1e-6)
-        text = f"{self.label}: {_human(self.done)}"
-        if self.total:
-            text += f" / {_human(self.total)} ({100.0 * self.done / self.total:5.1f}%)"
-        text += f"  {_human(int(self.done / elapsed))}/s"
-        if self.tty:
-            self.stream.write("\r" + text + ("\n" if final else ""))
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
+    def emit(self, record: logging.LogRecord) -> None:
+        log.log(record.levelno, "%s", record.getMessage())
 
 
-def _human(n: int | None) -> str:
-    """Bytes as a short human-readable string."""
-    if n is None:
-        return "?"
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} GB"
+def _reason(exc: Exception) -> str:
+    """A short, traceback-free description of a failed request: the HTTP status, or the socket error."""
+    response = getattr(exc, "response", None)
+    if response is not None:
+        return f"HTTP {response.status_code} {response.reason}"
+    text = str(exc)
+    errno = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
+    if errno:
+        return errno.group(1).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def fetch_file(
@@ -495,132 +451,67 @@ def fetch_file(
     *,
     md5: str | None = None,
     sha256: str | None = None,
-    size_bytes: int | None = None,
     mirrors: Sequence[str] = (),
     force: bool = False,
+    retries: int = 2,
     timeout: float = 60.0,
     progress: bool = True,
 ) -> Path:
-    """Download ``url`` (falling back to ``mirrors``) to ``dest`` and verify it; return ``dest``.
+    """Download ``url`` (falling back to ``mirrors``) to ``dest`` with pooch and verify it; return ``dest``.
 
-    * Resume-safe: an existing ``dest`` whose checksum matches (or, with no checksum known, whose size
-      matches or is unknown) is kept and nothing is fetched, unless ``force``.
-    * Atomic: bytes go to a temporary file beside ``dest`` that is renamed over it only after the
-      checksum and size checks pass, so ``dest`` is never a partial or unverified file.
-    * Failures raise :class:`NetworkError` (all URLs failed) or :class:`IntegrityError` (wrong
-      checksum/size; the temporary file is deleted).
+    * Resumable: an existing ``dest`` that matches the checksum (any existing file when none is
+      published) is kept and nothing is fetched, unless ``force``; one that differs is fetched again.
+    * Atomic: pooch writes to a temporary file beside ``dest`` and renames it over ``dest`` only once
+      the checksum matches, so ``dest`` is never a partial or unverified file.
+    * Each URL is tried ``1 + retries`` times (pooch waits 1 s, 2 s, … in between) before the next mirror.
+    * Failures raise :class:`NetworkError` (every URL failed) or :class:`IntegrityError` (the checksum
+      differs; nothing is left behind).  Only network failures move on to a mirror: a checksum mismatch
+      means the published file changed, and the user has to know that rather than get a different copy.
     """
-    dest = Path(dest)
-    digests = _expected_digests(None, md5, sha256) if (md5 or sha256) else {}
-    if dest.exists() and not force:
-        if digests:
-            if verify_file(dest, md5=md5, sha256=sha256):
-                log.info("%s: already present, checksum OK; skipping download", dest.name)
-                return dest
-            log.warning("%s: present but its checksum differs; downloading it again", dest.name)
-        elif size_bytes is None or dest.stat().st_size == size_bytes:
-            log.info("%s: already present (no checksum published: unverified); skipping download", dest.name)
-            return dest
-        else:
-            log.warning("%s: present but its size differs; downloading it again", dest.name)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    candidates = [url, *mirrors]
-    failures: list[NetworkError] = []
-    described: list[str] = []
-    for i, candidate in enumerate(candidates):
+    import pooch
+    import requests
+
+    dest = Path(dest).expanduser().absolute()
+    expected = known_hash(md5, sha256)
+    pooch.get_logger().handlers[:] = [_PoochToLog()]
+    downloader = pooch.HTTPDownloader(
+        progressbar=progress, chunk_size=_CHUNK, timeout=timeout, headers={"User-Agent": _USER_AGENT}
+    )
+    if force:
+        dest.unlink(missing_ok=True)
+    failures: list[tuple[str, str, int | None]] = []  # (url, reason, HTTP status)
+    for i, candidate in enumerate((url, *mirrors)):
+        files = pooch.Pooch(
+            path=dest.parent,
+            base_url="",
+            registry={dest.name: expected},
+            urls={dest.name: candidate},
+            retry_if_failed=retries,
+        )
         try:
-            _download_verified(candidate, dest, digests, size_bytes, timeout, progress)
-            return dest
-        except NetworkError as exc:
-            # Only network failures move on to a mirror: a checksum mismatch means the published
-            # file changed, and the user has to know that rather than get a silently different copy.
-            failures.append(exc)
-            described.append(f"{candidate} ({exc})")
-            if i + 1 < len(candidates):
-                log.warning("%s: %s failed (%s); trying the next mirror", dest.name, candidate, exc)
-    if all(f.http_status is not None for f in failures):
+            files.fetch(dest.name, downloader=downloader)
+        except requests.RequestException as exc:
+            status = exc.response.status_code if exc.response is not None else None
+            failures.append((candidate, _reason(exc), status))
+            if i < len(mirrors):
+                log.warning("%s: %s failed (%s); trying the next mirror", dest.name, candidate, _reason(exc))
+            continue
+        except ValueError as exc:  # pooch's checksum mismatch (after its retries); the download is deleted
+            raise IntegrityError(f"{dest.name}: checksum mismatch for {candidate}: {exc}") from exc
+        log.info("%s: ready (%s)", dest.name, expected.split(":")[0] + " verified" if expected else "unverified")
+        return dest
+    described = "; ".join(f"{u} ({reason})" for u, reason, _ in failures)
+    if all(status is not None for _, _, status in failures):
         # Every server answered, so the network is fine: the file has moved or access is refused.
         raise NetworkError(
-            f"could not download {dest.name}: " + "; ".join(described) + ". The file may have moved or "
-            "the server refuses the request; check the dataset's homepage.",
-            http_status=failures[-1].http_status,
+            f"could not download {dest.name}: {described}. The file may have moved or the server refuses "
+            "the request; check the dataset's homepage.",
+            http_status=failures[-1][2],
         )
     raise NetworkError(
-        f"no network? could not download {dest.name} from "
-        + "; ".join(described)
-        + ". Check your connection or proxy (urllib honours the https_proxy/http_proxy variables) and retry."
+        f"no network? could not download {dest.name} from {described}. Check your connection or proxy "
+        "(the https_proxy/http_proxy variables are honoured) and retry."
     )
-
-
-def _download_verified(
-    url: str, dest: Path, digests: Mapping[str, str], size_bytes: int | None, timeout: float, progress: bool
-) -> None:
-    """Stream ``url`` into a temp file next to ``dest``, hashing as it goes, then check and rename."""
-    # Same folder as dest, so os.replace is an atomic rename on one filesystem.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    hashers = {algo: _new_hash(algo) for algo in digests}
-    moved = False
-    try:
-        with os.fdopen(fd, "wb") as out:
-            request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
-            try:
-                response = urllib.request.urlopen(request, timeout=timeout)
-            except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
-                status = exc.code if isinstance(exc, urllib.error.HTTPError) else None
-                raise NetworkError(_reason(exc), http_status=status) from exc
-            with response:
-                length = response.headers.get("Content-Length")
-                announced = int(length) if length and length.isdigit() else None
-                bar = _Progress(dest.name, size_bytes or announced, enabled=progress)
-                while True:
-                    try:
-                        chunk = response.read(_CHUNK)
-                    except (OSError, http.client.HTTPException) as exc:
-                        raise NetworkError(f"connection lost after {_human(bar.done)}: {_reason(exc)}") from exc
-                    if not chunk:
-                        break
-                    out.write(chunk)
-                    for h in hashers.values():
-                        h.update(chunk)
-                    bar.update(len(chunk))
-                bar.close()
-            out.flush()
-            os.fsync(out.fileno())
-        got = tmp.stat().st_size
-        if announced is not None and got != announced:
-            raise NetworkError(f"connection closed early: got {got} of {announced} bytes")
-        if size_bytes is not None and got != size_bytes:
-            raise IntegrityError(
-                f"{dest.name}: size mismatch: expected {size_bytes} bytes, got {got} (from {url}); "
-                "the download was deleted. The file may have changed upstream; retry, and report it if it persists."
-            )
-        for algo, expected in digests.items():
-            actual = hashers[algo].hexdigest()
-            if actual != expected:
-                raise IntegrityError(
-                    f"{dest.name}: {algo} checksum mismatch: expected {expected}, got {actual} (from {url}); "
-                    "the download was deleted. The file was corrupted in transit or changed upstream; "
-                    "retry, and report it if it persists."
-                )
-        os.replace(tmp, dest)
-        moved = True
-        if digests:
-            log.info("%s: downloaded and verified (%s)", dest.name, ", ".join(sorted(digests)))
-        else:
-            log.info("%s: downloaded (no checksum published: unverified)", dest.name)
-    finally:
-        if not moved:
-            tmp.unlink(missing_ok=True)
-
-
-def _reason(exc: BaseException) -> str:
-    """A short, traceback-free description of a network exception."""
-    if isinstance(exc, urllib.error.HTTPError):
-        return f"HTTP {exc.code} {exc.reason}"
-    if isinstance(exc, urllib.error.URLError):
-        return str(exc.reason)
-    return str(exc) or type(exc).__name__
 
 
 # ------------------------------------------------------------------------------------------- extract
@@ -674,7 +565,7 @@ def extract_archive(archive: Path | str, dest_dir: Path | str) -> Path:
     except tarfile.FilterError as exc:
         raise UnsafeArchiveError(f"{archive.name}: refusing unsafe member: {exc}") from exc
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
-        raise ArchiveError(f"{archive.name}: corrupt or unreadable archive: {exc}") from exc
+        raise ArchiveError(f"{archive.name}: corrupt or unreadable archive: {' '.join(str(exc).split())}") from exc
     return dest_dir
 
 
@@ -713,6 +604,7 @@ def download(
     extract: bool = True,
     delete_archives: bool = False,
     progress: bool = True,
+    retries: int = 2,
     registry: Mapping[str, Any] | Path | str | None = None,
 ) -> Path:
     """Download (and extract) dataset ``name`` into ``dest_dir``; return the folder to index.
@@ -741,9 +633,9 @@ def download(
             dest_dir / rf.filename,
             md5=rf.md5,
             sha256=rf.sha256,
-            size_bytes=rf.size_bytes,
             mirrors=rf.mirrors,
             force=force,
+            retries=retries,
             progress=progress,
         )
         if extract and rf.is_archive:
@@ -774,161 +666,7 @@ def download(
     return photos
 
 
-# ----------------------------------------------------------------------------------------------- CLI
+if __name__ == "__main__":  # `python -m data.registry ARGS` is `mammals data ARGS`
+    from indexer.cli import main
 
-
-def _short_licence(licence: str) -> str:
-    """The licence up to its first clause, for tables."""
-    return re.split(r"[:;(]", licence, maxsplit=1)[0].strip()
-
-
-def _dataset_json(ds: Dataset, raw: Mapping[str, Any]) -> dict[str, Any]:
-    """The registry entry of ``ds`` as stored (keeps keys this module does not model)."""
-    for entry in raw["datasets"]:
-        if entry.get("name") == ds.name:
-            return dict(entry)
-    return {}
-
-
-def _cmd_list(args: argparse.Namespace, out: TextIO) -> int:
-    raw = load_registry(args.registry)
-    datasets = list_datasets(raw)
-    if args.json:
-        json.dump({"datasets": raw["datasets"], "local": raw.get("local", [])}, out, indent=2)
-        out.write("\n")
-        return 0
-    rows: list[tuple[str, ...]] = [("name", "species", "layout", "size", "get", "licence")]
-    for ds in datasets:
-        how = f"kaggle {ds.kaggle}" if ds.kaggle_only else "download"
-        rows.append((ds.name, ds.species, ds.layout, _human(ds.size_bytes), how, _short_licence(ds.licence)))
-    _table(rows, out)
-    out.write("\nlocal sets (relative to the repository root):\n")
-    rows = [("name", "species", "layout", "images", "path")]
-    for ls in local_sets(raw):
-        rows.append((ls.name, ls.species, ls.layout, str(ls.images), ls.path))
-    _table(rows, out)
-    return 0
-
-
-def _table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
-
-
-def _cmd_show(args: argparse.Namespace, out: TextIO) -> int:
-    raw = load_registry(args.registry)
-    ds = get_dataset(args.name, raw)
-    if args.json:
-        json.dump(_dataset_json(ds, raw), out, indent=2)
-        out.write("\n")
-        return 0
-    lines = [
-        f"{ds.name}: {ds.title}",
-        f"  homepage:   {ds.homepage}",
-        f"  species:    {ds.species}",
-        f"  layout:     {ds.layout} (index the extracted {ds.extract_to})",
-        f"  images:     {ds.images if ds.images is not None else 'unknown'}"
-        + (f" in {ds.breeds} breeds" if ds.breeds else ""),
-        f"  size:       {_human(ds.size_bytes)}",
-        f"  licence:    {ds.licence}",
-        f"  citation:   {ds.citation}",
-    ]
-    if ds.kaggle:
-        lines.append(f"  kaggle:     {ds.kaggle}")
-    for rf in ds.files:
-        lines.append(f"  file:       {rf.filename} ({_human(rf.size_bytes)})")
-        lines.append(f"    url:      {rf.url or '(none: Kaggle only)'}")
-        for mirror in rf.mirrors:
-            lines.append(f"    mirror:   {mirror}")
-        lines.append(f"    md5:      {rf.md5 or '-'}")
-        lines.append(f"    sha256:   {rf.sha256 or '-'}")
-        lines.append(f"    checksum: {rf.source_of_checksum}")
-    if ds.label_map:
-        lines.append("  labels:     " + ", ".join(f"{k}={v}" for k, v in ds.label_map.items()))
-    lines.append(f"  notes:      {ds.notes}")
-    out.write("\n".join(lines) + "\n")
-    return 0
-
-
-def _cmd_download(args: argparse.Namespace, out: TextIO) -> int:
-    ds = get_dataset(args.name, args.registry)  # unknown names fail before anything is created
-    folder = download(
-        args.name,
-        args.dest,
-        force=args.force,
-        extract=not args.no_extract,
-        delete_archives=args.delete_archives,
-        progress=not args.quiet,
-        registry=args.registry,
-    )
-    # The one line on stdout is the folder, so scripts can capture it.
-    out.write(f"{folder}\n")
-    if not args.no_extract:
-        log.info("index it with: %s   (layout %s, detected automatically)", index_command(ds, folder), ds.layout)
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m data.registry`` argument parser."""
-    parser = argparse.ArgumentParser(
-        prog="python -m data.registry",
-        description="Registry of public cat/dog photo datasets: list them, show details, download and verify.",
-        epilog="Exit codes: 0 ok, 1 download/extraction failed, 2 user error, 130 interrupted.",
-    )
-    parser.add_argument("--registry", type=Path, default=REGISTRY_PATH, help="registry JSON (default: %(default)s)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors; no progress line")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p_list = sub.add_parser("list", help="list the datasets and the local sets")
-    p_list.add_argument("--json", action="store_true", help="print the registry entries as JSON")
-    p_list.set_defaults(func=_cmd_list)
-
-    p_show = sub.add_parser("show", help="show one dataset: URLs, checksums, licence, layout")
-    p_show.add_argument("name")
-    p_show.add_argument("--json", action="store_true", help="print the registry entry as JSON")
-    p_show.set_defaults(func=_cmd_show)
-
-    p_dl = sub.add_parser("download", help="download, verify and extract a dataset into DEST")
-    p_dl.add_argument("name")
-    p_dl.add_argument("dest", type=Path, help="destination folder (created if missing)")
-    p_dl.add_argument("--force", action="store_true", help="download and extract again even if already done")
-    p_dl.add_argument("--no-extract", action="store_true", help="only download and verify the archives")
-    p_dl.add_argument("--delete-archives", action="store_true", help="delete each archive once extracted")
-    p_dl.set_defaults(func=_cmd_download)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
-    """Run the CLI; return the exit code instead of exiting (tests call this directly)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log.handlers[:] = [handler]
-    log.setLevel(level)
-    log.propagate = False
-    out = out if out is not None else sys.stdout
-    try:
-        code: int = args.func(args, out)
-        return code
-    except RegistryError as exc:
-        log.error("error: %s", exc)
-        return exc.exit_code
-    except BrokenPipeError:
-        # Output piped into `head` and closed early: not an error. Point stdout at devnull so the
-        # interpreter's final flush does not complain either.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except OSError as exc:  # disk full, permission denied, ...: one line, not a traceback
-        log.error("error: %s", exc)
-        return 1
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["data", *sys.argv[1:]]))

@@ -1,7 +1,7 @@
-"""Tests of the dataset registry (data/datasets.json) and its downloader, all without network.
+"""Tests of the dataset registry (data/datasets.json), its downloader and `mammals data`, all without network.
 
-Downloads are exercised against ``file://`` URLs of archives the tests build, through a temporary
-registry file, so the real code path (urllib streaming, hashing, atomic rename, extraction) runs.
+Downloads go to a stdlib HTTP server on 127.0.0.1 started by the test, through a temporary registry file, so the
+real code path (pooch streaming into a temporary file, checksum, retry, rename, extraction) runs.
 """
 
 from __future__ import annotations
@@ -11,29 +11,35 @@ import hashlib
 import http.server
 import io
 import json
+import logging
 import re
+import socket
 import subprocess
 import sys
 import tarfile
 import threading
-import urllib.request
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from data import registry as reg
+from data.cli import DATA
 from data.registry import (
     LAYOUTS,
     Dataset,
     IntegrityError,
     KaggleOnlyError,
     NetworkError,
+    RegistryError,
     UnknownDatasetError,
     UnsafeArchiveError,
 )
+from indexer import cli as mammals_cli
+from indexer.errors import UsageError
 
 REPO = Path(__file__).resolve().parent.parent
 REQUIRED = {"name", "title", "homepage", "citation", "licence", "files", "layout", "species", "extract_to", "notes"}
@@ -201,14 +207,17 @@ def test_local_set_folder_shapes_match_their_layouts() -> None:
     assert not [p for p in cats.iterdir() if p.is_dir()], "the flat set has no sub-folders"
 
 
-# ------------------------------------------------------------------------------------- verify_file
+# ------------------------------------------------------------------------------------------- checksums
 
 
-def test_verify_file(tmp_path: Path) -> None:
+def test_file_digest_and_verify_file(tmp_path: Path) -> None:
     f = tmp_path / "hello.txt"
     f.write_bytes(b"hello")
     md5 = "5d41402abc4b2a76b9719d911017c592"  # md5(b"hello"), a well-known value
-    sha = hashlib.sha256(b"hello").hexdigest()
+    sha = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"  # sha256(b"hello")
+    assert reg.file_digest(f, "md5") == md5 and reg.file_digest(f, "sha256") == sha
+    with pytest.raises(ValueError, match="unsupported checksum algorithm"):
+        reg.file_digest(f, "sha1")
     assert reg.verify_file(f, md5)  # algorithm inferred from the length
     assert reg.verify_file(f, sha)
     assert reg.verify_file(f, md5.upper())
@@ -224,7 +233,53 @@ def test_verify_file(tmp_path: Path) -> None:
         reg.verify_file(f)
 
 
-# ---------------------------------------------------------------------------------------- download
+def test_known_hash_prefers_the_sha256() -> None:
+    assert reg.known_hash("A" * 32, "b" * 64) == "sha256:" + "b" * 64
+    assert reg.known_hash("A" * 32, None) == "md5:" + "a" * 32
+    assert reg.known_hash(None, None) is None
+    with pytest.raises(ValueError):
+        reg.known_hash("abc", None)
+
+
+def test_registry_errors_are_usage_errors() -> None:
+    """So that `mammals data` prints them as one line and exits 2 (indexer.cli.run_main)."""
+    for cls in (NetworkError, IntegrityError, KaggleOnlyError, UnknownDatasetError, UnsafeArchiveError):
+        assert issubclass(cls, RegistryError) and issubclass(cls, UsageError)
+
+
+# ----------------------------------------------------------------------------------- a local HTTP server
+
+
+@dataclass
+class Server:
+    """A stdlib HTTP server on 127.0.0.1 serving ``root``; it records the paths asked for and can break the
+    next ``truncate`` answers (headers announce the whole file, half the body is sent, the connection closes)."""
+
+    root: Path
+    url: str = ""
+    requests: list[str] = field(default_factory=list)
+    truncate: int = 0
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    state: Server
+
+    def do_GET(self) -> None:
+        self.state.requests.append(self.path)
+        target = self.state.root / self.path.lstrip("/")
+        if self.state.truncate and target.is_file():
+            self.state.truncate -= 1
+            data = target.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.close_connection = True
+            return
+        super().do_GET()
+
+    def log_message(self, format: str, *args: Any) -> None:  # keep the test output clean
+        pass
 
 
 def _make_tar_gz(path: Path, members: dict[str, bytes]) -> Path:
@@ -240,10 +295,43 @@ def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
 
 
-def _registry_with(tmp_path: Path, archive: Path, **file_overrides: Any) -> Path:
-    """A registry file with one dataset 'toy' whose archive is served from a file:// URL."""
+def _free_port_url() -> str:
+    """An http URL on 127.0.0.1 where nothing listens (connection refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    root = tmp_path / "served"
+    root.mkdir()
+    state = Server(root)
+    handler = type("Handler", (_Handler,), {"state": state})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        yield state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture
+def toy_archive(server: Server) -> Path:
+    return _make_tar_gz(
+        server.root / "toy.tar.gz",
+        {"toy/beagle/1.jpg": b"\xff\xd8beagle", "toy/samoyed/2.jpg": b"\xff\xd8samoyed", "toy/README": b"hi"},
+    )
+
+
+def _registry_with(tmp_path: Path, archive: Path, url: str, **file_overrides: Any) -> Path:
+    """A registry file with one dataset 'toy' whose archive is fetched from ``url``."""
     file_entry: dict[str, Any] = {
-        "url": archive.as_uri(),
+        "url": url,
         "filename": archive.name,
         "size_bytes": archive.stat().st_size,
         "md5": _md5(archive),
@@ -265,112 +353,113 @@ def _registry_with(tmp_path: Path, archive: Path, **file_overrides: Any) -> Path
     }
     path = tmp_path / "registry.json"
     path.write_text(json.dumps({"datasets": [entry], "local": []}), encoding="utf-8")
+    assert reg.validate_registry(json.loads(path.read_text(encoding="utf-8"))) == []
     return path
 
 
-@pytest.fixture
-def toy_archive(tmp_path: Path) -> Path:
-    src = tmp_path / "server"
-    src.mkdir()
-    return _make_tar_gz(
-        src / "toy.tar.gz",
-        {"toy/beagle/1.jpg": b"\xff\xd8beagle", "toy/samoyed/2.jpg": b"\xff\xd8samoyed", "toy/README": b"hi"},
-    )
+# ---------------------------------------------------------------------------------------------- download
 
 
-def test_download_verifies_extracts_and_resumes(tmp_path: Path, toy_archive: Path, monkeypatch: Any) -> None:
-    registry = _registry_with(tmp_path, toy_archive)
+def test_download_verifies_extracts_and_resumes(tmp_path: Path, server: Server, toy_archive: Path) -> None:
+    registry = _registry_with(tmp_path, toy_archive, f"{server.url}/toy.tar.gz")
     dest = tmp_path / "datasets" / "toy"
-    folder = reg.download("toy", dest, registry=registry, progress=False)
-    assert folder == dest / "toy/"
+    folder = reg.download("toy", dest, registry=registry, progress=False, retries=0)
+    assert folder == dest / "toy"
     assert (folder / "beagle" / "1.jpg").read_bytes() == b"\xff\xd8beagle"
     assert (folder / "samoyed" / "2.jpg").is_file()
     assert _md5(dest / "toy.tar.gz") == _md5(toy_archive)
-    assert not list(dest.glob("*.part")) and not list(dest.glob(".*.part"))
+    assert sorted(p.name for p in dest.iterdir()) == [".mammals-registry", "toy", "toy.tar.gz"], "no temp file left"
+    assert server.requests == ["/toy.tar.gz"]
 
-    # A second run must not touch the network at all: the extraction marker says it is done.
-    def no_network(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("urlopen called on a resumed download")
-
-    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    # A second run asks the server nothing: the extraction marker says it is done.
     assert reg.download("toy", dest, registry=registry, progress=False) == folder
-    # Without extraction, a present archive with the right checksum is kept as well.
+    # Without extraction, the archive present with the right checksum is kept as well.
     assert reg.download("toy", dest, registry=registry, progress=False, extract=False) == dest
-
-
-def test_download_replaces_a_corrupt_existing_file(tmp_path: Path, toy_archive: Path) -> None:
-    dest = tmp_path / "out"
-    dest.mkdir()
+    assert server.requests == ["/toy.tar.gz"]
+    # A corrupt archive in place is fetched again; --force fetches even a good one.
     (dest / "toy.tar.gz").write_bytes(b"truncated garbage")
-    path = reg.fetch_file(toy_archive.as_uri(), dest / "toy.tar.gz", md5=_md5(toy_archive), progress=False)
-    assert _md5(path) == _md5(toy_archive)
+    reg.download("toy", dest, registry=registry, progress=False, extract=False)
+    assert _md5(dest / "toy.tar.gz") == _md5(toy_archive) and len(server.requests) == 2
+    reg.download("toy", dest, registry=registry, progress=False, force=True)
+    assert len(server.requests) == 3
 
 
-def test_checksum_mismatch_leaves_no_partial_file(tmp_path: Path, toy_archive: Path) -> None:
-    registry = _registry_with(tmp_path, toy_archive, md5="0" * 32, sha256=None)
+def test_checksum_mismatch_is_one_line_and_leaves_no_file(tmp_path: Path, server: Server, toy_archive: Path) -> None:
+    url = f"{server.url}/toy.tar.gz"
     dest = tmp_path / "out"
-    with pytest.raises(IntegrityError, match="md5 checksum mismatch"):
-        reg.download("toy", dest, registry=registry, progress=False)
+    registry = _registry_with(tmp_path, toy_archive, url, md5="0" * 32, sha256=None)
+    with pytest.raises(IntegrityError) as info:
+        reg.download("toy", dest, registry=registry, progress=False, retries=0)
+    message = str(info.value)
+    assert message.startswith(f"toy.tar.gz: checksum mismatch for {url}: MD5 hash") and "\n" not in message
+    assert f"expected md5:{'0' * 32} but got {_md5(toy_archive)}" in message
     assert list(dest.iterdir()) == [], "neither the archive nor a temp file may remain"
-
-    # A wrong size is caught the same way, before any checksum.
-    registry = _registry_with(tmp_path, toy_archive, size_bytes=toy_archive.stat().st_size + 1)
-    with pytest.raises(IntegrityError, match="size mismatch"):
-        reg.download("toy", dest, registry=registry, progress=False)
+    # Where both are published the sha256 is the one checked: a wrong sha256 fails although the md5 is right.
+    registry = _registry_with(tmp_path, toy_archive, url, sha256="0" * 64)
+    with pytest.raises(IntegrityError, match="SHA256 hash"):
+        reg.download("toy", dest, registry=registry, progress=False, retries=0)
     assert list(dest.iterdir()) == []
 
 
-def test_unreachable_url_is_one_clear_network_error(tmp_path: Path, toy_archive: Path) -> None:
-    missing = (tmp_path / "nowhere" / "toy.tar.gz").as_uri()
-    dest = tmp_path / "out"
-    registry = _registry_with(tmp_path, toy_archive, url=missing)
-    with pytest.raises(NetworkError, match=r"^no network\? could not download toy.tar.gz"):
-        reg.download("toy", dest, registry=registry, progress=False)
-    assert list(dest.iterdir()) == []
-    # A working mirror after a dead URL is used.
-    registry = _registry_with(tmp_path, toy_archive, url=missing, mirrors=[toy_archive.as_uri()])
-    assert (reg.download("toy", dest, registry=registry, progress=False) / "beagle" / "1.jpg").is_file()
+def test_a_failed_attempt_is_retried(
+    tmp_path: Path, server: Server, toy_archive: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="data")
+    registry = _registry_with(tmp_path, toy_archive, f"{server.url}/toy.tar.gz")
+    server.truncate = 1  # the first answer breaks off half-way
+    folder = reg.download("toy", tmp_path / "d", registry=registry, progress=False, retries=1)
+    assert (folder / "beagle" / "1.jpg").read_bytes() == b"\xff\xd8beagle"
+    assert server.requests == ["/toy.tar.gz", "/toy.tar.gz"]
+    # pooch's own messages come through this package's logger.
+    retried = [r for r in caplog.records if "Failed to download 'toy.tar.gz'" in r.getMessage()]
+    assert retried and retried[0].name == "data.registry"
+
+    # Without a retry the broken transfer is a network error, and nothing partial is left behind.
+    server.truncate = 1
+    with pytest.raises(NetworkError, match=r"^no network\? could not download toy\.tar\.gz from http://127"):
+        reg.download("toy", tmp_path / "e", registry=registry, progress=False, retries=0)
+    assert list((tmp_path / "e").iterdir()) == []
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # keep the test output clean
-        pass
-
-
-@pytest.fixture
-def http_root(toy_archive: Path) -> Iterator[str]:
-    """A localhost HTTP server (stdlib, in a thread) serving the folder of ``toy_archive``."""
-    handler = functools.partial(_QuietHandler, directory=str(toy_archive.parent))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def test_download_over_http_and_http_errors(tmp_path: Path, toy_archive: Path, http_root: str) -> None:
-    registry = _registry_with(tmp_path, toy_archive, url=f"{http_root}/{toy_archive.name}")
-    folder = reg.download("toy", tmp_path / "h", registry=registry, progress=False)
-    assert (folder / "samoyed" / "2.jpg").read_bytes() == b"\xff\xd8samoyed"
+def test_network_errors_name_the_url_and_the_reason(tmp_path: Path, server: Server, toy_archive: Path) -> None:
+    dead = f"{_free_port_url()}/toy.tar.gz"
+    registry = _registry_with(tmp_path, toy_archive, dead)
+    with pytest.raises(NetworkError) as info:
+        reg.download("toy", tmp_path / "a", registry=registry, progress=False, retries=0)
+    assert str(info.value).startswith(f"no network? could not download toy.tar.gz from {dead} (Connection refused)")
+    assert info.value.http_status is None and list((tmp_path / "a").iterdir()) == []
     # A 404 means the server answered: the message must not blame the network.
-    registry = _registry_with(tmp_path, toy_archive, url=f"{http_root}/moved.tar.gz")
-    with pytest.raises(NetworkError, match="HTTP 404") as info:
-        reg.download("toy", tmp_path / "h404", registry=registry, progress=False)
-    assert info.value.http_status == 404 and not str(info.value).startswith("no network?")
-    assert list((tmp_path / "h404").iterdir()) == []
+    moved = f"{server.url}/moved.tar.gz"
+    registry = _registry_with(tmp_path, toy_archive, moved)
+    with pytest.raises(NetworkError) as info:
+        reg.download("toy", tmp_path / "b", registry=registry, progress=False, retries=0)
+    assert str(info.value).startswith(f"could not download toy.tar.gz: {moved} (HTTP 404 File not found)")
+    assert info.value.http_status == 404
+    # A working mirror after a dead URL is used.
+    registry = _registry_with(tmp_path, toy_archive, dead, mirrors=[moved, f"{server.url}/toy.tar.gz"])
+    folder = reg.download("toy", tmp_path / "c", registry=registry, progress=False, retries=0)
+    assert (folder / "beagle" / "1.jpg").is_file()
+    assert server.requests == ["/moved.tar.gz", "/moved.tar.gz", "/toy.tar.gz"]
 
 
-def test_tar_with_parent_dir_member_is_rejected(tmp_path: Path) -> None:
-    src = tmp_path / "server"
-    src.mkdir()
-    evil = _make_tar_gz(src / "evil.tar.gz", {"ok/1.jpg": b"x", "../evil": b"pwned"})
-    registry = _registry_with(tmp_path, evil)
+def test_a_file_without_checksum_is_fetched_once(tmp_path: Path, server: Server) -> None:
+    (server.root / "notes.txt").write_text("unverified")
+    target = tmp_path / "notes.txt"
+    assert reg.fetch_file(f"{server.url}/notes.txt", target, progress=False) == target.absolute()
+    assert target.read_text() == "unverified"
+    reg.fetch_file(f"{server.url}/notes.txt", target, progress=False)
+    assert server.requests == ["/notes.txt"]
+
+
+# ----------------------------------------------------------------------------------------------- extract
+
+
+def test_tar_with_parent_dir_member_is_rejected(tmp_path: Path, server: Server) -> None:
+    evil = _make_tar_gz(server.root / "evil.tar.gz", {"ok/1.jpg": b"x", "../evil": b"pwned"})
+    registry = _registry_with(tmp_path, evil, f"{server.url}/evil.tar.gz")
     dest = tmp_path / "datasets" / "toy"
     with pytest.raises(UnsafeArchiveError, match=r"'\.\.'"):
-        reg.download("toy", dest, registry=registry, progress=False)
+        reg.download("toy", dest, registry=registry, progress=False, retries=0)
     assert not (dest.parent / "evil").exists() and not (tmp_path / "evil").exists()
     assert not (dest / "ok").exists(), "nothing is extracted from an unsafe archive"
     assert not (dest / ".mammals-registry").exists()
@@ -388,6 +477,11 @@ def test_tar_with_absolute_member_or_escaping_link_is_rejected(tmp_path: Path) -
         tf.addfile(info)
     with pytest.raises(UnsafeArchiveError):  # caught by tarfile's "data" filter
         reg.extract_archive(link, tmp_path / "b")
+    garbage = tmp_path / "garbage.tar.gz"
+    garbage.write_bytes(b"not an archive")
+    with pytest.raises(reg.ArchiveError, match=r"^garbage\.tar\.gz: corrupt or unreadable archive: ") as info:
+        reg.extract_archive(garbage, tmp_path / "c")
+    assert "\n" not in str(info.value)
 
 
 def test_zip_with_parent_dir_member_is_rejected(tmp_path: Path) -> None:
@@ -413,63 +507,105 @@ def test_kaggle_only_dataset_explains_the_kaggle_cli(tmp_path: Path) -> None:
     assert not (tmp_path / "sd").exists()
 
 
-# --------------------------------------------------------------------------------------------- CLI
+# ------------------------------------------------------------------------------------------ mammals data
 
 
-def test_cli_list_and_show(capsys: pytest.CaptureFixture[str]) -> None:
-    out = io.StringIO()
-    assert reg.main(["list"], out=out) == 0
-    assert "oxford-iiit-pet" in out.getvalue() and "cats-unlabelled" in out.getvalue()
-    out = io.StringIO()
-    assert reg.main(["list", "--json"], out=out) == 0
-    parsed = json.loads(out.getvalue())
-    assert {d["name"] for d in parsed["datasets"]} >= {"oxford-iiit-pet", "stanford-dogs"}
-    out = io.StringIO()
-    assert reg.main(["show", "stanford-dogs", "--json"], out=out) == 0
-    assert json.loads(out.getvalue())["layout"] == "stanford-dogs"
-    out = io.StringIO()
-    assert reg.main(["show", "imagewoof2-320"], out=out) == 0
-    assert "n02088364=beagle" in out.getvalue()
+def cli(argv: list[str]) -> int:
+    """`mammals ARGV` with only the data subcommand installed: the framework's own parser and error handling,
+    without loading the other packages' commands (the entry point itself is tested below)."""
+    return mammals_cli.run_main("mammals", mammals_cli.build_parser({"data": DATA}), DATA.run, argv)
 
 
-def test_cli_user_errors_exit_2_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert reg.main(["show", "nope"]) == 2
+def test_data_command_is_installed_as_an_entry_point(raw: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    assert mammals_cli.commands()["data"] is DATA
+    assert mammals_cli.main(["data", "list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"datasets": raw["datasets"], "local": raw["local"]}
+
+
+def test_cli_list_and_show(raw: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["data", "list", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out) == {"datasets": raw["datasets"], "local": raw["local"]}
+    assert cli(["data", "list"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^oxford-iiit-pet +both +oxford-pet +811\.1 MB +download +CC BY-SA 4\.0$", out, re.M)
+    assert re.search(r"^cat-breeds-kaggle .* kaggle ma7555/cat-breeds-dataset ", out, re.M)
+    assert re.search(r"^cats-unlabelled +cat +flat +1249 +\.\./shared/data/cats-unlabelled$", out, re.M)
+    assert cli(["data", "show", "stanford-dogs", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == next(d for d in raw["datasets"] if d["name"] == "stanford-dogs")
+    assert cli(["data", "show", "imagewoof2-320"]) == 0
+    assert "n02088364=beagle" in capsys.readouterr().out
+
+
+def test_cli_user_errors_are_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["data", "show", "nope"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("mammals data: error: unknown dataset 'nope'; known datasets: oxford-iiit-pet")
+    assert len(captured.err.splitlines()) == 1
+    assert cli(["data", "download", "nope", str(tmp_path / "n")]) == 2
+    assert "unknown dataset 'nope'" in capsys.readouterr().err and not (tmp_path / "n").exists()
+    assert cli(["data", "download", "cat-breeds-kaggle", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: unknown dataset 'nope'") and "Traceback" not in err
-    assert reg.main(["download", "cat-breeds-kaggle", str(tmp_path / "c")]) == 2
-    assert "kaggle datasets download -d ma7555/cat-breeds-dataset" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exc:
-        reg.main(["download"])  # argparse: missing arguments
-    assert exc.value.code == 2
+    assert "kaggle datasets download -d ma7555/cat-breeds-dataset" in err and len(err.splitlines()) == 1
+    for argv in (["data"], ["data", "download", "toy"], ["data", "list", "--bogus"]):
+        with pytest.raises(SystemExit) as exc:  # argparse: missing or unknown arguments
+            cli(argv)
+        assert exc.value.code == 2
 
 
 def test_cli_download_network_failure_is_one_line(
     tmp_path: Path, toy_archive: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    registry = _registry_with(tmp_path, toy_archive, url=(tmp_path / "gone.tar.gz").as_uri())
-    code = reg.main(["--registry", str(registry), "-q", "download", "toy", str(tmp_path / "d")])
+    registry = _registry_with(tmp_path, toy_archive, f"{_free_port_url()}/toy.tar.gz")
+    code = cli(["data", "--registry", str(registry), "-q", "download", "toy", str(tmp_path / "d"), "--retries", "0"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert captured.err.startswith("mammals data: error: no network? could not download toy.tar.gz from http://")
+    assert len(captured.err.splitlines()) == 1
+    # A destination that cannot be written (here: a file) is one line as well, not a traceback.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert cli(["data", "--registry", str(registry), "-q", "download", "toy", str(blocker)]) == 2
     err = capsys.readouterr().err
-    assert code == 1
-    assert err.startswith("error: no network? could not download toy.tar.gz") and "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1
+    assert err.startswith(f"mammals data: error: toy: cannot write under {blocker}: ") and len(err.splitlines()) == 1
 
 
 def test_cli_download_prints_the_folder_to_index(
-    tmp_path: Path, toy_archive: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, server: Server, toy_archive: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    registry = _registry_with(tmp_path, toy_archive)
-    out = io.StringIO()
-    code = reg.main(["--registry", str(registry), "download", "toy", str(tmp_path / "d"), "--delete-archives"], out=out)
-    assert code == 0
-    folder = Path(out.getvalue().strip())
-    assert folder == tmp_path / "d" / "toy" and (folder / "beagle" / "1.jpg").is_file()
-    assert not (tmp_path / "d" / "toy.tar.gz").exists()
-    assert "mammals index" in capsys.readouterr().err
+    registry = _registry_with(tmp_path, toy_archive, f"{server.url}/toy.tar.gz")
+    dest = tmp_path / "d"
+    argv = ["data", "download", "toy", str(dest), "--delete-archives", "--registry", str(registry)]
+    assert cli(argv) == 0
+    captured = capsys.readouterr()
+    folder = Path(captured.out.strip())
+    assert captured.out.count("\n") == 1 and folder == dest / "toy" and (folder / "beagle" / "1.jpg").is_file()
+    assert not (dest / "toy.tar.gz").exists()
+    assert f"index it with: mammals index {folder} --store stores/toy --species dog" in captured.err
+    # -q after the action: warnings only, and still the folder on stdout.
+    assert cli([*argv, "--force", "-q"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{folder}\n" and "index it with" not in captured.err
+    assert len(server.requests) == 2
 
 
-def test_module_runs_as_a_script() -> None:
+def test_cli_parser_imports_nothing_heavy() -> None:
+    code = (
+        "import argparse, sys\n"
+        "from data.cli import DATA\n"
+        "DATA.configure(argparse.ArgumentParser())\n"
+        "print(sorted(m for m in ('torch', 'pooch', 'requests', 'tqdm', 'data.registry') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_module_runs_the_data_command() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "data.registry", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "data.registry", "show", "stanford-dogs", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert "download" in result.stdout and "Exit codes" in result.stdout
+    assert json.loads(result.stdout)["layout"] == "stanford-dogs"
