@@ -23,8 +23,7 @@ import torch
 from PIL import Image
 
 from indexer import defaults
-from indexer.encoders import Encoder, load_encoder
-from indexer.encoders.registry import has_text_tower, resolve_device
+from indexer.encoders import Encoder, has_text_tower, load_encoder, resolve_device
 from indexer.extract import embed
 from indexer.images import ImageError, load_image
 from indexer.latents import MAPPER, SPACE_MODEL, TrainedModels, load_trained_models, mapper_vectors, vae_vectors

@@ -30,21 +30,26 @@ TINY_OPEN_CLIP_CONFIG: dict[str, Any] = {
 }
 
 
-def tiny_open_clip_model(seed: int = TINY_SEED) -> torch.nn.Module:
-    """The tiny CLIP built by open_clip's own class with a fixed seed (the same weights on every call), eval mode."""
+def tiny_open_clip_model(seed: int = TINY_SEED, config: dict[str, Any] | None = None) -> torch.nn.Module:
+    """The tiny CLIP built by open_clip's own class with a fixed seed (the same weights on every call), eval mode.
+
+    ``config`` is an HF-hub-layout config like ``TINY_OPEN_CLIP_CONFIG`` (the default).
+    """
     import open_clip
 
-    cfg = copy.deepcopy(TINY_OPEN_CLIP_CONFIG["model_cfg"])
+    cfg = copy.deepcopy((config or TINY_OPEN_CLIP_CONFIG)["model_cfg"])
     torch.manual_seed(seed)
     model: torch.nn.Module = open_clip.CLIP(**cfg)
     return model.eval()
 
 
-def make_tiny_open_clip_checkpoint(dir: Path) -> str:
-    """Write ``open_clip_config.json`` and ``tiny.pt`` into ``dir``; return the encoder name that loads them."""
+def make_tiny_open_clip_checkpoint(dir: Path, config: dict[str, Any] | None = None) -> str:
+    """Write ``open_clip_config.json`` and ``tiny.pt`` into ``dir``; return the encoder name that loads them
+    (always ``TINY_MODEL_NAME``). ``config`` (default ``TINY_OPEN_CLIP_CONFIG``) describes the model."""
+    config = config or TINY_OPEN_CLIP_CONFIG
     dir = Path(dir)
     dir.mkdir(parents=True, exist_ok=True)
-    (dir / "open_clip_config.json").write_text(json.dumps(TINY_OPEN_CLIP_CONFIG, indent=2), encoding="utf-8")
+    (dir / "open_clip_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     ckpt = dir / "tiny.pt"
-    torch.save(tiny_open_clip_model().state_dict(), ckpt)
+    torch.save(tiny_open_clip_model(config=config).state_dict(), ckpt)
     return f"open_clip:{TINY_MODEL_NAME}/{ckpt}"

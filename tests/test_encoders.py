@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import copy
 import hashlib
 import json
 import pickle
@@ -12,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from indexer.encoders import Encoder, EncoderError, load_encoder, parse_encoder_name
+import indexer.encoders
+from indexer.encoders import Encoder, EncoderError, has_text_tower, load_encoder, parse_encoder_name, resolve_device
 from indexer.encoders.efficientnet import (
     WEIGHTS_ENV,
     load_efficientnet_lite0,
@@ -223,6 +226,26 @@ def test_open_clip_tiny_checkpoint_round_trip(tmp_path: Path) -> None:
     assert torch.equal(clone(Image.open(photos[0]).convert("RGB")), batch[0])
 
 
+def test_open_clip_config_registered_through_add_model_config(tmp_path: Path) -> None:
+    """The custom config reaches open_clip's public registry, and a later load of the same name replaces it."""
+    import open_clip
+
+    name = make_tiny_open_clip_checkpoint(tmp_path / "small")
+    assert load_encoder(name).dim == 32
+    assert TINY_MODEL_NAME in open_clip.list_models()
+    assert open_clip.get_model_config(TINY_MODEL_NAME) == TINY_OPEN_CLIP_CONFIG["model_cfg"]
+
+    # Same model name, another folder, a narrower projection: that checkpoint fits only the new config.
+    narrow = copy.deepcopy(TINY_OPEN_CLIP_CONFIG)
+    narrow["model_cfg"]["embed_dim"] = 16
+    narrow_name = make_tiny_open_clip_checkpoint(tmp_path / "narrow", config=narrow)
+    encoder = load_encoder(narrow_name)
+    assert encoder.dim == 16
+    assert encoder.encode_text is not None and encoder.encode_text(["a pug"]).shape == (1, 16)
+    assert open_clip.get_model_config(TINY_MODEL_NAME) == narrow["model_cfg"]
+    assert load_encoder(name).dim == 32  # and back
+
+
 def test_open_clip_custom_model_needs_its_config(tmp_path: Path) -> None:
     make_tiny_open_clip_checkpoint(tmp_path)
     (tmp_path / "open_clip_config.json").unlink()
@@ -278,8 +301,83 @@ def test_timm_rejects_checkpoint_of_another_model(tmp_path: Path) -> None:
 
     path = tmp_path / "resnet.pth"
     torch.save(timm.create_model("test_resnet").state_dict(), path)
-    with pytest.raises(EncoderError, match="does not fit timm model 'test_vit'"):
+    with pytest.raises(EncoderError, match="does not fit timm model 'test_vit'") as info:
         load_encoder(f"timm:test_vit/{path}")
+    assert f"checkpoint {path} does not fit" in str(info.value)
+
+
+@pytest.mark.parametrize("layout", ["headless", "safetensors", "training-checkpoint"])
+def test_timm_checkpoint_layouts(layout: str, tmp_path: Path) -> None:
+    """A checkpoint without the classifier, a safetensors file and a {"state_dict": ...} wrapper all load."""
+    import timm
+
+    torch.manual_seed(0)
+    reference: Any = timm.create_model("test_vit").eval()
+    state_dict = reference.state_dict()
+    if layout == "headless":
+        path = tmp_path / "headless.pth"
+        torch.save({k: v for k, v in state_dict.items() if not k.startswith("head.")}, path)
+    elif layout == "safetensors":
+        from safetensors.torch import save_file
+
+        path = tmp_path / "test_vit.safetensors"
+        save_file(state_dict, str(path))
+    else:
+        path = tmp_path / "last.pth"
+        torch.save({"epoch": 3, "state_dict": state_dict}, path)
+    reference.reset_classifier(0)
+
+    encoder = load_encoder(f"timm:test_vit/{path}")
+    assert encoder.weights_sha256 == _sha256(path)
+    x = torch.rand(2, 3, 160, 160, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.allclose(encoder.model(x), reference(x), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ("missing", 'Missing key(s) in state_dict: "norm.weight"'),
+        ("renamed", 'Unexpected key(s) in state_dict: "norm.gamma"'),
+        ("extra", 'Unexpected key(s) in state_dict: "aux_head.weight"'),
+        ("reshaped", "size mismatch for norm.weight"),
+    ],
+)
+def test_timm_strict_load_names_file_and_key(change: str, needle: str, tmp_path: Path) -> None:
+    import timm
+
+    state_dict = timm.create_model("test_vit").state_dict()
+    if change == "missing":
+        del state_dict["norm.weight"]
+    elif change == "renamed":
+        state_dict["norm.gamma"] = state_dict.pop("norm.weight")
+    elif change == "extra":
+        state_dict["aux_head.weight"] = torch.zeros(3, 64)
+    else:
+        state_dict["norm.weight"] = torch.zeros(65)
+    path = tmp_path / f"{change}.pth"
+    torch.save(state_dict, path)
+    name = f"timm:test_vit/{path}"
+    with pytest.raises(EncoderError) as info:
+        load_encoder(name)
+    message = str(info.value)
+    assert message.startswith(f"{name}: checkpoint {path} does not fit timm model 'test_vit' (")
+    assert needle in message
+    assert "\n" not in message
+
+
+class _NotATensor:
+    """Pickled into a checkpoint: a weights-only load must refuse it rather than run arbitrary unpickling."""
+
+
+def test_timm_checkpoint_is_loaded_weights_only(tmp_path: Path) -> None:
+    import timm
+
+    path = tmp_path / "pickled.pth"
+    torch.save({"state_dict": timm.create_model("test_vit").state_dict(), "extra": _NotATensor()}, path)
+    with pytest.raises(EncoderError, match="weights_only") as info:
+        load_encoder(f"timm:test_vit/{path}")
+    assert f"checkpoint {path} does not fit" in str(info.value)
 
 
 def test_timm_hub_weights_offline(offline_hub: None) -> None:
@@ -349,3 +447,29 @@ def test_known_encoders_help_lists_every_family() -> None:
     for pattern in KNOWN_ENCODERS:
         assert pattern in text
     assert "efficientnet-lite0" in text and "open_clip:" in text and "timm:" in text
+
+
+def test_package_exports_device_and_text_tower_helpers() -> None:
+    from indexer.encoders import registry
+
+    assert registry.resolve_device is resolve_device and registry.has_text_tower is has_text_tower
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert has_text_tower("open_clip:ViT-B-32/laion2b_s34b_b79k")
+    assert not has_text_tower("timm:resnet18")
+    assert not has_text_tower("efficientnet-lite0")
+    assert not has_text_tower("no-such-encoder")
+
+
+def test_family_modules_do_not_import_the_registry() -> None:
+    """Families import only ``common`` (no cycle); the registry imports them, not the other way round."""
+    package = Path(indexer.encoders.__file__).parent
+    for module in ("common", "efficientnet", "openclip", "timm_models"):
+        tree = ast.parse((package / f"{module}.py").read_text(encoding="utf-8"))
+        ours: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                ours.add("." * node.level + (node.module or ""))
+            elif isinstance(node, ast.Import):
+                ours.update(alias.name for alias in node.names)
+        ours = {m for m in ours if m.startswith((".", "indexer.encoders"))}
+        assert ours <= {"indexer.encoders.common"}, (module, ours)

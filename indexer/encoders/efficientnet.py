@@ -17,15 +17,7 @@ from typing import Any
 import torch
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 
-from indexer.encoders.base import Encoder, EncoderError
-from indexer.encoders.registry import (
-    EnsureRGB,
-    describe_transform,
-    freeze,
-    one_line,
-    probe_dim,
-    resolve_device,
-)
+from indexer.encoders.common import Encoder, EncoderError, EnsureRGB, build_encoder, freeze, one_line, resolve_device
 from indexer.store.hashing import file_sha256_cached
 
 NAME = "efficientnet-lite0"
@@ -179,17 +171,8 @@ def load_efficientnet_lite0(
     dev = resolve_device(device, name)
     model: Any = _build_classifier(weights, dev)  # timm's reset_classifier is not on nn.Module's type
     model.reset_classifier(0)  # forward() now ends at global average pooling: the 1280-d embedding
-    preprocess = build_preprocess()
-    dim = probe_dim(model, preprocess, dev, name)
-    if dim != EMBED_DIM:  # cannot happen with timm's architecture; guards against a timm change
-        raise EncoderError(f"{name}: expected {EMBED_DIM}-d features, got {dim}")
-    preprocessing: dict[str, Any] = describe_transform(preprocess)
-    preprocessing["architecture"] = f"timm:{TIMM_ARCH}"
-    return Encoder(
-        name=name,
-        model=model,
-        preprocess=preprocess,
-        dim=dim,
-        weights_sha256=file_sha256_cached(weights),
-        preprocessing=preprocessing,
-    )
+    extra = {"architecture": f"timm:{TIMM_ARCH}"}
+    encoder = build_encoder(name, model, build_preprocess(), dev, file_sha256_cached(weights), extra)
+    if encoder.dim != EMBED_DIM:  # cannot happen with timm's architecture; guards against a timm change
+        raise EncoderError(f"{name}: expected {EMBED_DIM}-d features, got {encoder.dim}")
+    return encoder
