@@ -29,8 +29,7 @@ import torch
 from tqdm import tqdm
 
 from indexer import defaults
-from indexer.encoders import Encoder, load_encoder
-from indexer.encoders.registry import resolve_device
+from indexer.encoders import Encoder, load_encoder, resolve_device
 from indexer.extract import Batch, FileResult, StageTimes, embed, iter_batches
 from indexer.latents import (
     ENCODER,
