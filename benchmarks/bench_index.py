@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import SHARED_DATA, write_results
+from benchmarks.common import SHARED_DATA, timed, write_results
 from indexer import defaults
 from indexer.encoders import load_encoder
 from indexer.extract import embed, iter_batches
@@ -58,10 +58,8 @@ def main() -> int:
 
     forward_s, n = bare_forward_seconds(paths, a.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
-        t = time.perf_counter()
-        rep = run_index([a.data], Path(tmp) / "store", progress=False, batch_size=a.batch_size, workers=a.workers,
-                        sparsity=False)
-        index_s = time.perf_counter() - t
+        rep, index_s = timed(run_index, [a.data], Path(tmp) / "store", progress=False, batch_size=a.batch_size,
+                             workers=a.workers, sparsity=False)
     ratio = index_s / forward_s
     print(f"bare encoder forward : {forward_s:7.2f} s  ({n / forward_s:6.1f} img/s)")
     print(f"whole `index`        : {index_s:7.2f} s  ({rep.added / index_s:6.1f} img/s)")

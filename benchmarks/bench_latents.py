@@ -13,11 +13,10 @@ import argparse
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from analysis.training import train_store_mapper, train_store_vae
-from benchmarks.common import SHARED_DATA, write_results
+from benchmarks.common import SHARED_DATA, timed, write_results
 from indexer.pipeline import run_index
 from indexer.store import Store
 
@@ -39,23 +38,14 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "encoder-only"
-        t = time.perf_counter()
-        rep_enc = run_index([a.data], base, progress=False, sparsity=False)
-        enc_only_s = time.perf_counter() - t
-
-        t = time.perf_counter()
-        mapper = train_store_mapper(base, progress=False)
-        mapper_s = time.perf_counter() - t
-        t = time.perf_counter()
-        vae = train_store_vae(base, progress=False)
-        vae_s = time.perf_counter() - t
+        rep_enc, enc_only_s = timed(run_index, [a.data], base, progress=False, sparsity=False)
+        mapper, mapper_s = timed(train_store_mapper, base, progress=False)
+        vae, vae_s = timed(train_store_vae, base, progress=False)
 
         # The same photos into a fresh store that already has both models: every space + sparsity per image.
         full = Path(tmp) / "full"
         store_with_models_only(base, full)
-        t = time.perf_counter()
-        rep_full = run_index([a.data], full, progress=False, sparsity=True)
-        full_s = time.perf_counter() - t
+        rep_full, full_s = timed(run_index, [a.data], full, progress=False, sparsity=True)
 
     ratio = full_s / enc_only_s
     print(f"train mapper (defaults)          : {mapper_s:7.1f} s  (target < 300 s)")
