@@ -168,15 +168,21 @@ def capture_all(store: Path, out_dir: Path = OUT_DIR, *, pages: list[str] | None
 
 
 def main(argv: list[str] | None = None) -> int:
+    from indexer.cli import add_common_options, run_main
+
     p = argparse.ArgumentParser(prog="python -m dashboard.screenshots", description=__doc__.splitlines()[0])
+    add_common_options(p)
     p.add_argument("store", type=Path)
     p.add_argument("--out", type=Path, default=OUT_DIR, help=f"folder for the PNGs (default {OUT_DIR})")
     p.add_argument("--page", action="append", choices=[s.module for s in PAGES], help="only these pages")
     p.add_argument("--log", type=Path, help="write the server's output here")
-    a = p.parse_args(argv)
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    capture_all(a.store, a.out, pages=a.page, log=a.log)
-    return 0
+
+    def run(a: argparse.Namespace) -> int:
+        os.environ.setdefault("PYTHONUNBUFFERED", "1")
+        capture_all(a.store, a.out, pages=a.page, log=a.log)
+        return 0
+
+    return run_main(p.prog, p, run, argv)
 
 
 if __name__ == "__main__":
