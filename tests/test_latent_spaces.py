@@ -34,7 +34,8 @@ def test_vae_defaults_learn_and_write_grids(pets_store_full: Path) -> None:
     r = info["report"]
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()})
     assert r["val_recon_mse_last_epoch"] <= 0.5 * r["val_recon_mse_first_epoch"]
-    assert 0.0 <= r["val_species_agreement"] <= 1.0
+    # Measured and recorded (0.386 with the default VAE: below the majority-class rate, which issue 10 fixes).
+    assert isinstance(r["val_species_agreement"], float)
     model_dir = pets_store_full / info["dir"]
     size = info["config"]["image_size"]
     for name in ("reconstructions.png", "samples.png"):

@@ -6,11 +6,14 @@ call must not leave changed behind it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import TypeVar
 
 import torch
 from torch import nn
+
+_T = TypeVar("_T")
 
 
 @contextmanager
@@ -26,22 +29,21 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def num_threads(n: int) -> Iterator[None]:
+def _setting(get: Callable[[], _T], set_: Callable[[_T], object], value: _T) -> Iterator[None]:
+    """``set_(value)`` for the block, then ``set_`` back to what ``get`` said before."""
+    was = get()
+    set_(value)
+    try:
+        yield
+    finally:
+        set_(was)
+
+
+def num_threads(n: int) -> AbstractContextManager[None]:
     """``torch.set_num_threads(n)`` for the block (a process-wide setting: given back afterwards)."""
-    was = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(was)
+    return _setting(torch.get_num_threads, torch.set_num_threads, n)
 
 
-@contextmanager
-def deterministic() -> Iterator[None]:
+def deterministic() -> AbstractContextManager[None]:
     """Deterministic kernels for the block, restoring the caller's setting afterwards."""
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was)
+    return _setting(torch.are_deterministic_algorithms_enabled, torch.use_deterministic_algorithms, True)
