@@ -249,13 +249,18 @@ def _config_classes() -> dict[str, type]:
 
 
 def _add_config_options(p: argparse.ArgumentParser, cls: type) -> None:
+    """One option per config field; its help is the field's docstring in the dataclass (one place per fact)."""
+    from indexer.models.config_docs import field_docs
+
     hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         flag = "--" + f.name.replace("_", "-")
-        doc = f"default {default}"
+        # argparse %-formats help strings: a literal % in a docstring must be doubled.
+        doc = f"{docs.get(f.name, '').replace('%', '%%')} (default {default})".lstrip()
         hint = hints[f.name]
         if hint is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=doc)
