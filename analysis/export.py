@@ -204,9 +204,13 @@ def to_latex(
     formatters = [_column_formatter(data.iloc[:, j], names[j], digits) for j in range(data.shape[1])]
     # Positions as column labels: formatters apply per column even when two columns share a name.
     data = data.set_axis(range(len(names)), axis=1)
+
+    def header(j: Any) -> str:  # the column's position -> its escaped name
+        return latex_escape(names[j])
+
     styler = (data.style.hide(axis="index")
               .format({j: fmt for j, (fmt, _) in enumerate(formatters)})
-              .format_index(lambda j: latex_escape(names[int(j)]), axis=1))
+              .format_index(header, axis=1))
     return styler.to_latex(
         hrules=True, position=position, position_float="centering", label=label,
         caption=latex_escape(caption) if escape_caption else caption,
