@@ -384,3 +384,12 @@ def breed_heatmap(
     matrix.attrs.update(model=model, metric=metric, label=label, dropped_groups=dropped,
                         layer_names=dict(zip(names["layer_index"].tolist(), names["layer_name"].tolist(), strict=True)))
     return matrix
+
+
+def recorded_metrics(source: Store | pd.DataFrame) -> dict[str, list[str]]:
+    """model -> the metrics recorded for it, sorted (empty when the store was indexed with ``--no-sparsity``)."""
+    df = _sparsity_frame(source)
+    if df.empty:
+        return {}
+    pairs = df[["model", "metric"]].drop_duplicates()
+    return {str(m): sorted(g["metric"].astype(str)) for m, g in pairs.groupby("model", sort=True)}

@@ -111,16 +111,15 @@ def trained_models(store: Store) -> set[str]:
 
 
 def label_columns(store: Store) -> list[str]:
-    """Columns an image can be grouped or coloured by: species, breed, then any joined label column."""
-    extra = [c for c in store.images.columns if c not in schema.IMAGE_COLUMNS]
-    return ["species", "breed", *extra]
+    from analysis.labels import label_columns
+
+    return label_columns(store)
 
 
 def is_categorical(series: pd.Series) -> bool:
-    """Strings, booleans and small-valued integers are groups; other numbers are a colour scale."""
-    if pd.api.types.is_bool_dtype(series) or not pd.api.types.is_numeric_dtype(series):
-        return True
-    return bool(pd.api.types.is_integer_dtype(series) and series.nunique() <= 20)
+    from analysis.labels import is_categorical
+
+    return is_categorical(series)
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
@@ -238,11 +237,9 @@ def cluster_tables(key: StoreKey, space: str, on: str = "map", min_cluster_size:
 @st.cache_data(max_entries=8, show_spinner=False)
 def sparsity_choices(key: StoreKey) -> dict[str, list[str]]:
     """model -> metrics recorded for it (empty when the store was indexed with --no-sparsity)."""
-    df = store_for(key).sparsity()
-    if df.empty:
-        return {}
-    pairs = df[["model", "metric"]].drop_duplicates()
-    return {str(m): sorted(g["metric"].astype(str)) for m, g in pairs.groupby("model", sort=True)}
+    from analysis import sparsity_stats
+
+    return sparsity_stats.recorded_metrics(store_for(key))
 
 
 def default_metric(metrics: list[str]) -> int:

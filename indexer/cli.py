@@ -118,4 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m indexer.cli`: run the imported module's main, whose Command class is the one the entry points
+    # import (this __main__ copy has its own class, and isinstance would refuse every command).
+    from indexer.cli import main as _main
+
+    sys.exit(_main())
