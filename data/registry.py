@@ -13,8 +13,6 @@ runs the same subcommand.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import logging
 import re
@@ -28,6 +26,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from indexer.errors import UsageError
+from indexer.store import hashing
 
 log = logging.getLogger("data.registry")
 
@@ -371,8 +370,7 @@ def file_digest(path: Path | str, algo: str) -> str:
     """Hex digest (``md5`` or ``sha256``) of a file (md5 only ever serves as an integrity check here)."""
     if algo not in _HEX:
         raise ValueError(f"unsupported checksum algorithm {algo!r} (use md5 or sha256)")
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, functools.partial(hashlib.new, algo, usedforsecurity=False)).hexdigest()
+    return hashing.file_digest(path, algo)
 
 
 def _expected_digests(expected: str | None, md5: str | None, sha256: str | None) -> dict[str, str]:

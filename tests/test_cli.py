@@ -28,9 +28,9 @@ def test_every_subcommand_comes_from_an_entry_point() -> None:
 
 
 def test_help_lists_every_command_and_builds_without_heavy_imports() -> None:
-    # torch comes in with the models' config dataclasses (`mammals train --help` documents them); the store,
-    # FAISS, UMAP and Streamlit must wait until a command runs.
-    heavy = ("faiss", "deltalake", "umap", "streamlit", "pooch")
+    # `mammals train --help` reads the models' config dataclasses without importing torch (indexer/lazy.py);
+    # torch, the store, FAISS, UMAP and Streamlit wait until a command runs.
+    heavy = ("torch", "faiss", "deltalake", "umap", "streamlit", "pooch")
     code = ("import sys; from indexer.cli import build_parser; build_parser(); "
             f"print(','.join(sorted(m for m in {heavy!r} if m in sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)

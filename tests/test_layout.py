@@ -28,8 +28,9 @@ ALLOWED = {
 # The dashboard reads the store (the shared database) and the CLI machinery; all else comes through analysis.
 DASHBOARD_FROM_INDEXER = ("indexer.store", "indexer.cli", "indexer.errors")
 COMMAND_MODULES = {"indexer.cli", "indexer.commands", "analysis.cli", "dashboard.cli", "data.cli"}
-# The store is the bottom of indexer: it knows the defaults, the version and the error type, nothing above.
-STORE_MAY_IMPORT = ("indexer.store", "indexer.defaults", "indexer.errors", "indexer")
+# The store is the bottom of indexer: it knows the defaults, the version, the error type and the lazy-namespace
+# helper, nothing above.
+STORE_MAY_IMPORT = ("indexer.store", "indexer.defaults", "indexer.errors", "indexer.lazy", "indexer")
 
 
 def _modules() -> dict[str, Path]:

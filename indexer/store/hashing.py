@@ -8,10 +8,17 @@ import os
 from pathlib import Path
 
 
-def file_sha256(path: str | Path) -> str:
-    """sha256 hex digest of the file as it is now (``hashlib.file_digest``: chunked, no whole-file read)."""
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """Hex digest of the file as it is now (``hashlib.file_digest``: chunked, no whole-file read).
+
+    ``algorithm`` is any ``hashlib.new`` name; md5 (dataset checksums) is flagged as not used for security."""
     with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+        return hashlib.file_digest(fh, functools.partial(hashlib.new, algorithm, usedforsecurity=False)).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of the file as it is now: the identity of weights files and models in a manifest."""
+    return file_digest(path, "sha256")
 
 
 def file_sha256_cached(path: str | Path) -> str:

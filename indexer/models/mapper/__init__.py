@@ -35,40 +35,48 @@ its files and inference helpers), :mod:`~indexer.models.mapper.losses`, :mod:`~i
 
 from __future__ import annotations
 
-from indexer.models.mapper.config import MapperConfig, MapperError
-from indexer.models.mapper.evaluate import evaluate_mapper
-from indexer.models.mapper.model import (
-    FORMAT,
-    FORMAT_VERSION,
-    META_FILE,
-    WEIGHTS_FILE,
-    Mapper,
-    MapperResult,
-    encode,
-    interpolate,
-    load_mapper,
-    predict_breeds,
-    save_mapper,
-    swap,
-)
-from indexer.models.mapper.train import stratified_split, train_mapper
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "FORMAT",
-    "FORMAT_VERSION",
-    "META_FILE",
-    "WEIGHTS_FILE",
-    "Mapper",
-    "MapperConfig",
-    "MapperError",
-    "MapperResult",
-    "encode",
-    "evaluate_mapper",
-    "interpolate",
-    "load_mapper",
-    "predict_breeds",
-    "save_mapper",
-    "stratified_split",
-    "swap",
-    "train_mapper",
-]
+from indexer.lazy import lazy_attributes
+
+if TYPE_CHECKING:
+    from indexer.models.mapper.config import MapperConfig, MapperError
+    from indexer.models.mapper.evaluate import evaluate_mapper
+    from indexer.models.mapper.model import (
+        FORMAT,
+        FORMAT_VERSION,
+        META_FILE,
+        WEIGHTS_FILE,
+        Mapper,
+        MapperResult,
+        encode,
+        interpolate,
+        load_mapper,
+        predict_breeds,
+        save_mapper,
+        swap,
+    )
+    from indexer.models.mapper.train import stratified_split, train_mapper
+
+# name -> submodule; loaded on first use (indexer/lazy.py), so that reading a config does not import torch.
+_WHERE = {
+    "FORMAT": "model",
+    "FORMAT_VERSION": "model",
+    "META_FILE": "model",
+    "Mapper": "model",
+    "MapperConfig": "config",
+    "MapperError": "config",
+    "MapperResult": "model",
+    "WEIGHTS_FILE": "model",
+    "encode": "model",
+    "evaluate_mapper": "evaluate",
+    "interpolate": "model",
+    "load_mapper": "model",
+    "predict_breeds": "model",
+    "save_mapper": "model",
+    "stratified_split": "train",
+    "swap": "model",
+    "train_mapper": "train",
+}
+__all__ = sorted(_WHERE)
+__getattr__ = lazy_attributes(__name__, _WHERE)

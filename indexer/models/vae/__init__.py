@@ -28,45 +28,53 @@ validation measures) and :mod:`~indexer.models.vae.grids` (PNG grids). The names
 
 from __future__ import annotations
 
-from indexer.models.vae.config import VAEConfig, VAEError
-from indexer.models.vae.evaluate import evaluate_vae
-from indexer.models.vae.grids import save_reconstruction_grid, save_sample_grid
-from indexer.models.vae.model import (
-    FORMAT,
-    FORMAT_VERSION,
-    META_FILE,
-    WEIGHTS_FILE,
-    ConvVAE,
-    VAEResult,
-    decode_latents,
-    encode_images,
-    interpolate,
-    load_vae,
-    save_vae,
-    to_pil,
-)
-from indexer.models.vae.photos import load_images, vae_transform
-from indexer.models.vae.train import train_vae
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "FORMAT",
-    "FORMAT_VERSION",
-    "META_FILE",
-    "WEIGHTS_FILE",
-    "ConvVAE",
-    "VAEConfig",
-    "VAEError",
-    "VAEResult",
-    "decode_latents",
-    "encode_images",
-    "evaluate_vae",
-    "interpolate",
-    "load_images",
-    "load_vae",
-    "save_reconstruction_grid",
-    "save_sample_grid",
-    "save_vae",
-    "to_pil",
-    "train_vae",
-    "vae_transform",
-]
+from indexer.lazy import lazy_attributes
+
+if TYPE_CHECKING:
+    from indexer.models.vae.config import VAEConfig, VAEError
+    from indexer.models.vae.evaluate import evaluate_vae
+    from indexer.models.vae.grids import save_reconstruction_grid, save_sample_grid
+    from indexer.models.vae.model import (
+        FORMAT,
+        FORMAT_VERSION,
+        META_FILE,
+        WEIGHTS_FILE,
+        ConvVAE,
+        VAEResult,
+        decode_latents,
+        encode_images,
+        interpolate,
+        load_vae,
+        save_vae,
+        to_pil,
+    )
+    from indexer.models.vae.photos import load_images, vae_transform
+    from indexer.models.vae.train import train_vae
+
+# name -> submodule; loaded on first use (indexer/lazy.py), so that reading a config does not import torch.
+_WHERE = {
+    "ConvVAE": "model",
+    "FORMAT": "model",
+    "FORMAT_VERSION": "model",
+    "META_FILE": "model",
+    "VAEConfig": "config",
+    "VAEError": "config",
+    "VAEResult": "model",
+    "WEIGHTS_FILE": "model",
+    "decode_latents": "model",
+    "encode_images": "model",
+    "evaluate_vae": "evaluate",
+    "interpolate": "model",
+    "load_images": "photos",
+    "load_vae": "model",
+    "save_reconstruction_grid": "grids",
+    "save_sample_grid": "grids",
+    "save_vae": "model",
+    "to_pil": "model",
+    "train_vae": "train",
+    "vae_transform": "photos",
+}
+__all__ = sorted(_WHERE)
+__getattr__ = lazy_attributes(__name__, _WHERE)
