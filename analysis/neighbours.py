@@ -162,15 +162,8 @@ def encoder_for_store(store: Store, device: str = "cpu", given: Encoder | None =
     return enc
 
 
-def query_images(
-    store: Store,
-    images: Sequence[Path],
-    *,
-    k: int = defaults.K,
-    space: str = schema.ENCODER_SPACE,
-    encoder: Encoder | None = None,
-    device: str = "auto",
-) -> list[QueryResult]:
+def query_images(store: Store, images: Sequence[Path], *, k: int = defaults.K, space: str = schema.ENCODER_SPACE,
+                 encoder: Encoder | None = None, device: str = "auto") -> list[QueryResult]:
     """Project each query photo into ``space`` with the store's own models; return neighbours and breed votes."""
     _check_space(store, space)
     dev = resolve_device(device)
@@ -247,15 +240,8 @@ def query_ids(
     return results
 
 
-def query_texts(
-    store: Store,
-    prompts: Sequence[str],
-    *,
-    k: int = defaults.K,
-    space: str = schema.ENCODER_SPACE,
-    encoder: Encoder | None = None,
-    device: str = "auto",
-) -> list[QueryResult]:
+def query_texts(store: Store, prompts: Sequence[str], *, k: int = defaults.K, space: str = schema.ENCODER_SPACE,
+                encoder: Encoder | None = None, device: str = "auto") -> list[QueryResult]:
     """Nearest images of text prompts, for stores built with an open_clip encoder (its text tower).
 
     Only the encoder space shares the text tower's embedding space: the mapper and the VAE were trained on image
