@@ -2,14 +2,15 @@
 
 * :func:`knn_predictions` / :func:`knn_label_accuracy`: leave-one-out kNN labels within one space of a store;
 * :func:`knn_accuracy`: held-out kNN accuracy of queries against a separate gallery (the mapper's validation);
-* :func:`reconstruction_species_agreement`: how often the pretrained encoder puts a VAE reconstruction in the
-  species of its original (the VAE's validation).
+* :func:`reconstruction_report`: how often the pretrained encoder puts a VAE reconstruction in the species and
+  the breed of its original, and how far reconstructions' features lie from real ones (the VAE's validation).
 
 All use cosine similarity over L2-normalised rows and exact search.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,27 +66,60 @@ def knn_accuracy(gallery: np.ndarray, gallery_labels: Sequence[str], queries: np
     return hits / len(queries)
 
 
-@torch.inference_mode()
-def reconstruction_species_agreement(store: Store, vae: Any, images: torch.Tensor, ids: list[str],
-                                     k: int = 10) -> float | None:
-    """How often the pretrained encoder puts a VAE reconstruction in the same species as its original.
+def frechet_distance(a: np.ndarray, b: np.ndarray, dims: int = 64) -> float:
+    """Fréchet distance between Gaussians fitted to two sets of feature rows (FID's formula), in the first
+    ``dims`` principal components of ``a``: a few hundred photos cannot estimate a 1280-d covariance."""
+    from scipy import linalg
 
-    Each reconstruction is embedded with the store's encoder and given the species voted by its k nearest
-    indexed photos (the original excluded); compared with the original's label.  None when no original has one.
+    a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    centre = a64.mean(0)
+    d = max(1, min(dims, len(a64) - 1, a64.shape[1]))
+    _, _, vt = np.linalg.svd(a64 - centre, full_matrices=False)
+    pa, pb = (a64 - centre) @ vt[:d].T, (b64 - centre) @ vt[:d].T
+    ca, cb = np.atleast_2d(np.cov(pa, rowvar=False)), np.atleast_2d(np.cov(pb, rowvar=False))
+    covmean = linalg.sqrtm(ca @ cb)
+    covmean = covmean.real if np.iscomplexobj(covmean) else covmean
+    diff = pa.mean(0) - pb.mean(0)
+    return float(diff @ diff + np.trace(ca + cb - 2 * covmean))
+
+
+def _majority_rate(labels: Sequence[str]) -> float:
+    return max(Counter(labels).values()) / len(labels) if labels else 0.0
+
+
+@torch.inference_mode()
+def reconstruction_report(store: Store, vae: Any, images: torch.Tensor, ids: list[str],
+                          k: int = 10) -> dict[str, float]:
+    """How the pretrained encoder sees a VAE's reconstructions of photos the store holds (``images``, ``ids``).
+
+    Each reconstruction is embedded with the store's encoder and given the species and the breed voted by its k
+    nearest indexed photos (the original excluded), compared with the original's labels:
+    ``species_agreement`` / ``breed_agreement``, next to the rate a constant majority answer would get
+    (``species_majority_rate`` / ``breed_majority_rate``, the trivial baseline).  ``frechet_distance`` compares
+    the originals' stored embeddings with the reconstructions' (:func:`frechet_distance`).  Keys whose labels
+    no photo has are left out.
     """
     from indexer.extract import embed
     from indexer.models.vae import decode_latents, encode_images, to_pil
 
-    species = store.images.set_index("id").loc[ids, "species"]
-    keep = [row for row, s in enumerate(species) if isinstance(s, str)]
-    if not keep:
-        return None
     enc = encoder_for_store(store)
-    recon = decode_latents(vae, encode_images(vae, images[keep]))
+    recon = decode_latents(vae, encode_images(vae, images))
     batch = torch.stack([enc.preprocess(im) for im in to_pil(recon)])
     vecs = embed(enc.model, batch, torch.device("cpu"))
-    hits = 0
-    for row, nbrs in zip(keep, search_vectors(store, vecs, k=k, space=schema.ENCODER_SPACE,
-                                              exclude_ids=[ids[r] for r in keep]), strict=True):
-        hits += top_label([n.species for n in nbrs], [n.similarity for n in nbrs]) == species.iloc[row]
-    return hits / len(keep)
+    found = search_vectors(store, vecs, k=k, space=schema.ENCODER_SPACE, exclude_ids=ids)
+    labels = store.images.set_index("id").loc[ids, ["species", "breed"]]
+    out: dict[str, float] = {}
+    for col in ("species", "breed"):
+        rows = [r for r, v in enumerate(labels[col]) if isinstance(v, str)]
+        if not rows:
+            continue
+        truth = [str(labels[col].iloc[r]) for r in rows]
+        votes = [top_label([getattr(n, col) for n in found[r]], [n.similarity for n in found[r]]) for r in rows]
+        out[f"{col}_agreement"] = sum(v == t for v, t in zip(votes, truth, strict=True)) / len(rows)
+        out[f"{col}_majority_rate"] = _majority_rate(truth)
+    sp = store.space(schema.ENCODER_SPACE)
+    row_of = {i: r for r, i in enumerate(sp.ids)}
+    real = sp.vectors[[row_of[i] for i in ids if i in row_of]]
+    if len(real) > 2:
+        out["frechet_distance"] = frechet_distance(real, vecs)
+    return out

@@ -139,7 +139,7 @@ def fit_store_vae(store_path: Path, config: VAEConfig | None = None, *, progress
                   workers: int = 1) -> FittedVAE:
     """Train the convolutional VAE on the store's photos (nothing is written); the report gets the species
     agreement of its validation reconstructions."""
-    from analysis.evaluate import reconstruction_species_agreement
+    from analysis.evaluate import reconstruction_report
     from indexer.models.vae import VAEConfig, load_images, train_vae
 
     store = Store.open(store_path)
@@ -151,9 +151,8 @@ def fit_store_vae(store_path: Path, config: VAEConfig | None = None, *, progress
     result = train_vae(images, ids, cfg, progress=progress)
     val_rows = [k for k, i in enumerate(ids) if result.split.get(i) == "val"]
     val_images = images[val_rows]
-    agreement = reconstruction_species_agreement(store, result.model, val_images, [ids[k] for k in val_rows])
-    if agreement is not None:  # None: no validation photo has a species label
-        result.report["val_species_agreement"] = agreement
+    quality = reconstruction_report(store, result.model, val_images, [ids[k] for k in val_rows])
+    result.report.update({f"val_{name}": value for name, value in quality.items()})
     return FittedVAE(result, val_images)
 
 

@@ -30,6 +30,7 @@ from indexer.store import Store, StoreError, schema
 
 if TYPE_CHECKING:
     from analysis.clusters import ClusterParams
+    from analysis.latent import PathStep, PathStop, SwapResult
     from analysis.maps import MapParams
     from analysis.neighbours import BreedVote, Encoder, Neighbour, QueryResult
 
@@ -338,6 +339,15 @@ def vae_strip(key: StoreKey, id_a: str, id_b: str, steps: int, mode: str) -> lis
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
+def vae_originals(key: StoreKey, id_a: str, id_b: str) -> list[bytes]:
+    """PNG bytes of photos a and b as the VAE sees them (its image size, centre crop), for its reconstructions'
+    sake."""
+    from analysis.latent import vae_originals as originals
+
+    return image_bytes(originals(store_for(key), [id_a, id_b]))
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
 def mapper_path(key: StoreKey, id_a: str, id_b: str, steps: int, k: int) -> list[list[Neighbour]]:
     from analysis.latent import mapper_path as path
 
@@ -345,8 +355,31 @@ def mapper_path(key: StoreKey, id_a: str, id_b: str, steps: int, k: int) -> list
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def mapper_swap(key: StoreKey, id_a: str, id_b: str, k: int) -> Any:
-    """analysis.latent.SwapResult (classifier_breed, neighbours, breed_votes)."""
+def mapper_path_steps(key: StoreKey, id_a: str, id_b: str, steps: int, k: int) -> list[PathStep]:
+    """The mapper's path, per step: breed classifier probabilities, nearest photos, their breed vote."""
+    from analysis.latent import mapper_path_steps as path_steps
+
+    return path_steps(store_for(key), id_a, id_b, steps=steps, k=k)
+
+
+def distinct_nearest(path: list[PathStep]) -> list[PathStop]:
+    """Each step's nearest photo once, with the steps it is nearest to."""
+    from analysis.latent import distinct_nearest as distinct
+
+    return distinct([step.neighbours for step in path])
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def mapper_swap(key: StoreKey, id_a: str, id_b: str, k: int) -> SwapResult:
+    """Identity of a, attributes of b: the classifier's reading (and top breeds), nearest photos, breed vote."""
     from analysis.latent import mapper_swap as swap
 
     return swap(store_for(key), id_a, id_b, k=k)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def model_warnings(key: StoreKey, model: str) -> list[str]:
+    """What the model's validation report (in the manifest) says is weak, in words; [] when nothing is."""
+    from analysis.latent import model_warnings as warnings
+
+    return warnings(store_for(key), model)

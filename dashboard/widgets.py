@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -111,3 +111,22 @@ def sparsity_selectors(key: StoreKey, store: Store, prefix: str) -> tuple[str, s
     labels = [c for c in state.label_columns(store) if state.is_categorical(store.images[c])]
     label = c3.selectbox("Group by", labels, key=f"{prefix}-label")
     return model, metric, label
+
+
+def breed_probability_chart(probabilities: Sequence[Mapping[str, float]], *, key: str, top: int = 6,
+                            title: str = "Breed classifier along the path") -> None:
+    """Lines: each step's probability (``probabilities[step]``: breed -> probability) of the breeds that matter
+    along a path: every step's first breed, then the runners-up at the ends, at most ``top`` breeds."""
+    shown: list[str] = []
+    candidates = [next(iter(p)) for p in probabilities if p]
+    for p in (probabilities[0], probabilities[-1]) if probabilities else ():
+        candidates += list(p)[:2]
+    for breed in candidates:
+        if breed not in shown and len(shown) < top:
+            shown.append(breed)
+    steps = list(range(len(probabilities)))
+    fig = go.Figure([go.Scatter(x=steps, y=[p.get(b, 0.0) for p in probabilities], mode="lines+markers", name=b,
+                                hovertemplate=f"{b}, step %{{x}}: %{{y:.1%}}<extra></extra>") for b in shown])
+    fig.update_layout(title=title, xaxis={"title": "step", "dtick": 1}, yaxis={"tickformat": ".0%", "range": [0, 1]},
+                      height=320, margin={"l": 10, "r": 10, "t": 40, "b": 10})
+    st.plotly_chart(fig, key=key)

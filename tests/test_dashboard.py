@@ -236,9 +236,10 @@ def test_latent_page_shows_the_interpolation_strip_and_swap(pets_store_full: Pat
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     at = page("latent", pets_store_full, monkeypatch)
     no_exception(at)
-    strip = [el for el in images(at) if el.captions and el.captions[0].startswith("t=")]
-    assert len(strip) == 1 and len(strip[0].value) == 8
-    assert any("reads the swap as" in m.value for m in at.markdown)
+    # Photo a, its reconstruction (t=0), the path, b's reconstruction (t=1), photo b (tests/test_latent_explorer.py).
+    strip = [el for el in images(at) if el.captions and el.captions[0] == "a: photo (VAE input)"]
+    assert len(strip) == 1 and len(strip[0].value) == 8 + 2
+    assert sum("reads the swap as" in m.value for m in at.markdown) == 2  # both ways
     at.radio(key="latent-vae-mode").set_value("slerp").run()
     no_exception(at)
 

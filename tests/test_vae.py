@@ -38,6 +38,7 @@ from indexer.models.vae import (
     train_vae,
     vae_transform,
 )
+from indexer.models.vae.losses import FeatureMatch
 from indexer.store import Store
 from tests.conftest import PETS, sample_photos
 
@@ -336,3 +337,56 @@ def test_config_round_trip_and_validation() -> None:
     with pytest.raises(VAEError, match="unknown"):
         VAEConfig.from_dict({"latent_dim": 8, "colour": "blue"})
     assert isinstance(ConvVAE(cfg).decode(torch.zeros(1, 32)), torch.Tensor)
+
+
+# ------------------------------------------------------------------------------------------ perceptual term
+def _efficientnet_feature_match(size: int = 64) -> FeatureMatch:
+    from indexer.encoders import load_encoder
+
+    enc = load_encoder("efficientnet-lite0", device="cpu")
+    return FeatureMatch(enc.model, enc.preprocessing["mean"], enc.preprocessing["std"], size)
+
+
+def test_feature_match_is_zero_for_the_original_and_grows_with_damage(
+    pets: tuple[torch.Tensor, list[str]],
+) -> None:
+    fm = _efficientnet_feature_match()
+    x = pets[0][:6].float() / 255
+    frozen = {k: v.clone() for k, v in fm.net.state_dict().items()}
+    same = fm(x, x)
+    assert torch.allclose(same, torch.zeros_like(same), atol=1e-5)
+    noisy = (x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    blurred = torch.nn.functional.avg_pool2d(x, 4).repeat_interleave(4, -1).repeat_interleave(4, -2)
+    worse = (x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    a, b, c = fm(noisy, x), fm(blurred, x), fm(worse, x)
+    assert (a > 0.01).all() and (c > a).all() and (b > a).all()
+    # Gradients reach the reconstruction, never the frozen encoder.
+    r = noisy.clone().requires_grad_(True)
+    fm(r, x).sum().backward()
+    assert r.grad is not None and r.grad.abs().sum() > 0
+    assert all(p.grad is None for p in fm.net.parameters())
+    assert all(torch.equal(v, frozen[k]) for k, v in fm.net.state_dict().items())
+
+
+def test_perceptual_weight_needs_the_encoder_and_changes_training(pets: tuple[torch.Tensor, list[str]]) -> None:
+    images, ids = pets[0][:80], pets[1][:80]
+    cfg = VAEConfig(epochs=1, batch_size=40, perceptual_weight=100.0)
+    with pytest.raises(VAEError, match="frozen encoder"):
+        train_vae(images, ids, cfg, progress=False)
+    with_term = train_vae(images, ids, cfg, progress=False, perceptual=_efficientnet_feature_match())
+    without = train_vae(images, ids, dataclasses.replace(cfg, perceptual_weight=0.0), progress=False)
+    assert with_term.history[0]["train_perceptual"] > 0 and without.history[0]["train_perceptual"] == 0
+    w1, w0 = with_term.model.state_dict(), without.model.state_dict()
+    assert any(not torch.equal(w1[k], w0[k]) for k in w1)
+
+
+def test_frechet_distance_is_zero_for_one_set_and_grows_with_a_shift() -> None:
+    from analysis.evaluate import frechet_distance
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(300, 40))
+    assert abs(frechet_distance(a, a)) < 1e-6
+    near, far = frechet_distance(a, a + 0.1), frechet_distance(a, a + 1.0)
+    assert 0 < near < far
+    # The other set's spread counts too, not only its mean.
+    assert frechet_distance(a, a * 2.0) > 1.0

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from indexer.models.scoped import num_threads
 from indexer.models.vae.config import VAEConfig, VAEError
 from indexer.models.vae.evaluate import evaluate_vae
-from indexer.models.vae.losses import kl_per_image, recon_per_image
+from indexer.models.vae.losses import FeatureMatch, kl_per_image, recon_per_image
 from indexer.models.vae.model import ConvVAE, VAEResult, as_float_images, reparameterise
 
 
@@ -29,6 +29,7 @@ def train_vae(
     config: VAEConfig | None = None,
     *,
     progress: bool = True,
+    perceptual: FeatureMatch | None = None,
 ) -> VAEResult:
     """Train a VAE on ``images`` ``(N, 3, S, S)`` (uint8 or float in [0, 1]) whose ids are ``ids``.
 
@@ -36,6 +37,9 @@ def train_vae(
     reconstructing from the posterior mean, so the numbers of every epoch are measured the same way). The report
     holds ``val_recon_mse_first_epoch`` / ``val_recon_mse_last_epoch`` (mean squared error per pixel after the
     first and the last epoch), ``val_kl`` (mean KL per image, last epoch) and ``train_seconds``.
+
+    ``perceptual`` (a :class:`FeatureMatch` around the store's frozen encoder) is required when
+    ``config.perceptual_weight`` is positive.
     """
     config = config or VAEConfig()
     ids = [str(i) for i in ids]
@@ -56,11 +60,14 @@ def train_vae(
             # BCE targets must be probabilities; 0..255 floats are the usual mistake.
             raise VAEError("float images must be in [0, 1] (pass uint8 for 0..255)")
 
+    if config.perceptual_weight > 0 and perceptual is None:
+        raise VAEError("perceptual_weight > 0 needs the frozen encoder (perceptual=FeatureMatch(...))")
     with num_threads(config.num_threads):
-        return _train(images, ids, config, progress)
+        return _train(images, ids, config, progress, perceptual if config.perceptual_weight > 0 else None)
 
 
-def _train(images: torch.Tensor, ids: list[str], config: VAEConfig, progress: bool) -> VAEResult:
+def _train(images: torch.Tensor, ids: list[str], config: VAEConfig, progress: bool,
+           perceptual: FeatureMatch | None) -> VAEResult:
     # Weight initialisation draws from torch's global generator: seed it, inside fork_rng so that the caller's
     # global random state is the same after training as before.
     with torch.random.fork_rng(devices=[]):
@@ -91,7 +98,7 @@ def _train(images: torch.Tensor, ids: list[str], config: VAEConfig, progress: bo
     for epoch in bar:
         model.train()
         t_epoch, cpu_epoch = time.perf_counter(), time.process_time()
-        tot_loss = tot_recon = tot_kl = 0.0
+        tot_loss = tot_recon = tot_kl = tot_feat = 0.0
         perm = torch.randperm(n_train, generator=gen)
         beta = config.beta
         for start in range(0, n_train, config.batch_size):
@@ -105,6 +112,10 @@ def _train(images: torch.Tensor, ids: list[str], config: VAEConfig, progress: bo
             recon = recon_per_image(logits, x, config.recon_loss).mean()
             kl = kl_per_image(mu, logvar).mean()
             loss = recon + beta * kl
+            if perceptual is not None:
+                feat = perceptual(torch.sigmoid(logits), x).mean()
+                loss = loss + config.perceptual_weight * feat
+                tot_feat += feat.item() * len(x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -121,6 +132,7 @@ def _train(images: torch.Tensor, ids: list[str], config: VAEConfig, progress: bo
             "train_loss": tot_loss / n_train,
             "train_recon": tot_recon / n_train,
             "train_kl": tot_kl / n_train,
+            "train_perceptual": tot_feat / n_train,
             "val_recon_mse": val["recon_mse"],
             "val_recon": val["recon"],
             "val_kl": val["kl"],
