@@ -1,6 +1,6 @@
 """The identity/attribute mapper on the real pets embeddings: with the default config z_id is a better breed space
-than the raw embeddings, z_attr holds little breed, swaps read as the identity image's breed; plus determinism,
-the stored split, save/load and its errors.
+than the raw embeddings on photos it never trained on, z_attr holds little breed, swaps read as the identity
+image's breed; plus determinism, the stored split, input standardisation and dropout, save/load and its errors.
 
 The default mapper is trained once per test session on the encoder space of the session's pets store
 (``default_mapper`` in conftest.py); the determinism and file-format checks train tiny models of their own on the
@@ -83,22 +83,35 @@ def test_default_mapper_disentangles_breed(
     pets: tuple[np.ndarray, list[str | None], list[str]], trained: MapperResult
 ) -> None:
     r = trained.report
-    knn = _val_knn_accuracies(pets, trained)
-    print({k: round(v, 4) for k, v in r.items()}, "val kNN:", {k: round(v, 4) for k, v in knn.items()})
-    for key in ("probe_z_id_acc", "probe_z_attr_acc", "chance_acc", "swap_acc", "reconstruction_cosine"):
+    print({k: round(v, 4) for k, v in r.items()})
+    for key in ("probe_z_id_acc", "probe_z_attr_acc", "chance_acc", "swap_acc", "reconstruction_cosine",
+                "val_knn_breed_acc_raw", "val_knn_breed_acc_z_id", "val_knn_breed_acc_z_attr"):
         assert key in r and np.isfinite(r[key]), key
     assert r["n_breeds"] == 45 and r["n_val"] == 228
-    # z_id is a better breed space than the raw embeddings, under the same split and kNN protocol ...
-    assert knn["z_id"] >= knn["raw"]
+    # The report's kNN accuracies (analysis.training) are those of the stored split, recomputed here.
+    knn = _val_knn_accuracies(pets, trained)
+    assert knn == pytest.approx({k: r[f"val_knn_breed_acc_{k}"] for k in knn})
+    # z_id is a better breed space than the raw embeddings on photos it never trained on (val queries, labelled
+    # train gallery, same k). Measured: +2.6 points on seeds 0, 1, 2 and 4, +0.9 on seed 3 (MapperConfig's
+    # docstring); issue 10's 4 points: test_default_mapper_knn_margin_of_issue_10.
+    assert r["val_knn_breed_acc_z_id"] >= r["val_knn_breed_acc_raw"] + 0.02
     # ... and z_attr a far worse one.
-    assert knn["z_attr"] <= knn["z_id"] - 0.20
+    assert r["val_knn_breed_acc_z_attr"] <= r["val_knn_breed_acc_z_id"] - 0.20
     # z_attr carries far less linearly readable breed than z_id ...
     assert r["probe_z_attr_acc"] <= r["probe_z_id_acc"] - 0.20
     # ... yet it is not empty: the decoder needs it (a constant z_attr would pass the probe check trivially).
     assert r["reconstruction_cosine"] - r["reconstruction_cosine_foreign_attr"] >= 0.01
     # Identity of A with the attributes of B (another breed) reads as A's breed to the frozen classifier.
-    assert r["swap_acc"] >= 0.7
+    assert r["swap_acc"] >= 0.8
     assert r["chance_acc"] < 0.1
+
+
+@pytest.mark.xfail(strict=True, reason="issue 10's 4-point kNN margin is not reached: the defaults give +2.6 points "
+                   "on seed 0 (+0.9 to +2.6 on seeds 0-4), and no breed space tried on these features gets 4 points "
+                   "reliably (MapperConfig's docstring). Strict: remove this mark when it passes.")
+def test_default_mapper_knn_margin_of_issue_10(trained: MapperResult) -> None:
+    r = trained.report
+    assert r["val_knn_breed_acc_z_id"] >= r["val_knn_breed_acc_raw"] + 0.04
 
 
 def test_split_is_stratified_seeded_and_stored(
@@ -133,7 +146,8 @@ def test_optional_losses_plain_batches_and_progress_bar(
 ) -> None:
     vectors, breeds, ids = pets
     cfg = MapperConfig.from_dict(
-        {**TINY.to_dict(), "adversarial_weight": 1.0, "cycle_weight": 0.5, "samples_per_breed": 0}
+        {**TINY.to_dict(), "adversarial_weight": 1.0, "cycle_weight": 0.5, "samples_per_breed": 0,
+         "standardise_inputs": False, "id_input_dropout": 0.0, "ema_decay": 0.0}
     )
     result = train_mapper(vectors, breeds, ids, cfg, progress=True)
     assert len(result.history) == cfg.epochs
@@ -289,6 +303,27 @@ def test_field_docs_reads_attribute_docstrings_only() -> None:
     assert field_docs(Child) == {"a": "First.", "c": "Third,\non two lines."}
 
 
+def test_input_scaling_folds_into_the_encoders_and_dropout_is_for_training_only() -> None:
+    torch.manual_seed(0)
+    x = torch.nn.functional.normalize(torch.rand(16, 10), dim=1)
+    m = Mapper(10, id_dim=4, attr_dim=3, hidden=8, id_input_dropout=0.5)
+    m.set_input_scaling(x.mean(0), x.std(0))
+    m.eval()
+    with torch.no_grad():
+        before = m.encode(x)
+        assert all(torch.equal(a, b) for a, b in zip(before, m.encode(x), strict=True))  # no dropout in eval
+        m.fold_input_scaling()
+        after = m.encode(x)
+    for a, b in zip(before, after, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert torch.equal(m.input_shift, torch.zeros(10)) and torch.equal(m.input_scale, torch.ones(10))
+    assert not any("input_" in k for k in m.state_dict())  # not saved: the file format is unchanged
+    m.train()
+    with torch.no_grad():
+        assert not torch.equal(m.encode_id(x), m.encode_id(x))  # dropout while training
+        assert torch.equal(m.encode(x)[1], after[1])  # ... on the identity encoder's input only
+
+
 def test_config_round_trip_and_validation() -> None:
     cfg = MapperConfig(id_dim=32, seed=5)
     assert MapperConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
@@ -298,6 +333,10 @@ def test_config_round_trip_and_validation() -> None:
         MapperConfig(val_fraction=1.0)
     with pytest.raises(MapperError, match="attr_dim"):
         MapperConfig(attr_dim=0)
+    with pytest.raises(MapperError, match="id_input_dropout"):
+        MapperConfig(id_input_dropout=1.0)
+    with pytest.raises(MapperError, match="ema_decay"):
+        MapperConfig(ema_decay=1.0)
     m = Mapper.from_config(10, cfg)
     assert m(torch.randn(4, 10))[2].shape == (4, 10)
 

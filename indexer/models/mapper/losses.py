@@ -141,7 +141,7 @@ def batch_losses(
         else:
             proxy = zero
         if config.cross_weight > 0:
-            z_id_same = F.normalize(mapper.id_encoder(x_same), dim=1)
+            z_id_same = mapper.encode_id(x_same)
             x_cross = mapper.decode(z_id_same, z_attr[lab])
             cross = (1.0 - F.cosine_similarity(x_cross, x[lab], dim=1)).mean()
         else:

@@ -38,11 +38,23 @@ class Mapper(nn.Module):
 
     ``encode`` returns z_id on the unit sphere (the triplet loss works in cosine distance, and the decoder reads
     the same normalised code) and z_attr unnormalised (its size is information the decoder may use).
+
+    While training, the encoders may read standardised inputs (``set_input_scaling``, unsaved buffers) and the
+    identity encoder's input takes dropout; ``fold_input_scaling`` then moves the standardisation into the
+    weights, so a trained mapper's state is the same networks over unit embeddings as ever.
     """
 
-    def __init__(self, input_dim: int, id_dim: int, attr_dim: int, hidden: int) -> None:
+    input_shift: torch.Tensor
+    input_scale: torch.Tensor
+
+    def __init__(self, input_dim: int, id_dim: int, attr_dim: int, hidden: int, id_input_dropout: float = 0.0) -> None:
         super().__init__()
         self.input_dim, self.id_dim, self.attr_dim, self.hidden = input_dim, id_dim, attr_dim, hidden
+        self.id_input_dropout = id_input_dropout
+        # Per-dimension standardisation of the encoders' input while training (not saved: ``fold_input_scaling``
+        # moves it into the encoders' first layers, so a trained mapper reads unit embeddings directly).
+        self.register_buffer("input_shift", torch.zeros(input_dim), persistent=False)
+        self.register_buffer("input_scale", torch.ones(input_dim), persistent=False)
         self.id_encoder = nn.Sequential(nn.Linear(input_dim, hidden), nn.ReLU(), nn.Linear(hidden, id_dim))
         self.attr_encoder = nn.Sequential(nn.Linear(input_dim, hidden), nn.ReLU(), nn.Linear(hidden, attr_dim))
         self.decoder = nn.Sequential(
@@ -55,11 +67,37 @@ class Mapper(nn.Module):
 
     @classmethod
     def from_config(cls, input_dim: int, config: MapperConfig) -> Mapper:
-        return cls(input_dim, config.id_dim, config.attr_dim, config.hidden)
+        return cls(input_dim, config.id_dim, config.attr_dim, config.hidden, config.id_input_dropout)
+
+    def _standardised(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.input_shift) / self.input_scale
+
+    def encode_id(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, input_dim)`` -> z_id ``(N, id_dim)``, unit norm (input dropout while training)."""
+        xs = F.dropout(self._standardised(x), self.id_input_dropout, self.training)
+        return F.normalize(self.id_encoder(xs), dim=1)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(N, input_dim)`` -> ``(z_id (N, id_dim), unit norm; z_attr (N, attr_dim))``."""
-        return F.normalize(self.id_encoder(x), dim=1), self.attr_encoder(x)
+        return self.encode_id(x), self.attr_encoder(self._standardised(x))
+
+    def set_input_scaling(self, shift: torch.Tensor, scale: torch.Tensor) -> None:
+        """Encoders read ``(x - shift) / scale`` (per dimension) until ``fold_input_scaling``."""
+        self.input_shift.copy_(shift)
+        self.input_scale.copy_(scale)
+
+    @torch.no_grad()
+    def fold_input_scaling(self) -> None:
+        """Fold the input standardisation into the first layer of each encoder, exactly as far as the algebra
+        goes: ``W (x - shift) / scale + b == (W / scale) x + (b - (W / scale) shift)``; then read ``x`` as is."""
+        for part in (self.id_encoder, self.attr_encoder):
+            first = part[0]
+            assert isinstance(first, nn.Linear)
+            w = first.weight / self.input_scale
+            first.bias.copy_(first.bias - w @ self.input_shift)
+            first.weight.copy_(w)
+        self.input_shift.zero_()
+        self.input_scale.fill_(1.0)
 
     def decode(self, z_id: torch.Tensor, z_attr: torch.Tensor) -> torch.Tensor:
         """``(z_id, z_attr)`` -> reconstructed embedding ``(N, input_dim)`` (not normalised: callers compare by

@@ -3,6 +3,7 @@ samplers, and the optimisation loop (losses in :mod:`indexer.models.mapper.losse
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
@@ -200,6 +201,10 @@ def _train_mapper(
     x: torch.Tensor, y: torch.Tensor, classifier: nn.Module, n_classes: int, config: MapperConfig, progress: bool
 ) -> tuple[Mapper, list[dict[str, float]]]:
     mapper = Mapper.from_config(x.shape[1], config)
+    if config.standardise_inputs:
+        # A floor under the std: a dimension (nearly) constant over train must not blow up where it is not.
+        sd = x.std(0)
+        mapper.set_input_scaling(x.mean(0), sd.clamp_min(1e-2 * float(sd.mean())) + 1e-6)
     with torch.no_grad():
         # Start the decoder at the mean embedding (cosine ~0.5 to any photo here) instead of at 0: the shared
         # component is then free and the first steps go to what differs between photos.
@@ -216,6 +221,8 @@ def _train_mapper(
         lr=config.lr,
         weight_decay=config.weight_decay,
     )
+    # The weight average starts at the initial weights; their share after t steps is ema_decay ** t.
+    average = copy.deepcopy(mapper) if config.ema_decay > 0 else None
     gen = torch.Generator().manual_seed(config.seed)
     same_breed = _SameBreedSampler(y)
     n = x.shape[0]
@@ -240,6 +247,10 @@ def _train_mapper(
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if average is not None:
+                with torch.no_grad():
+                    for avg, p in zip(average.parameters(), mapper.parameters(), strict=True):
+                        avg.lerp_(p, 1.0 - config.ema_decay)
             step += 1
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
@@ -249,5 +260,8 @@ def _train_mapper(
         history.append(row)
         bar.set_postfix({k: f"{row[k]:.3f}" for k in ("rec", "cross", "id", "triplet", "proxy", "fisher")})
     bar.close()
+    if average is not None:
+        mapper = average
+    mapper.fold_input_scaling()
     mapper.eval()
     return mapper, history
