@@ -329,6 +329,10 @@ def test_config_round_trip_and_validation() -> None:
     assert MapperConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(MapperError, match="unknown"):
         MapperConfig.from_dict({"id_dim": 8, "zdim": 3})
+    # A mapper saved before the identity-encoder regularisation existed was trained without it.
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("standardise_inputs", "id_input_dropout", "ema_decay")}
+    loaded = MapperConfig.from_dict(old)
+    assert (loaded.standardise_inputs, loaded.id_input_dropout, loaded.ema_decay) == (False, 0.0, 0.0)
     with pytest.raises(MapperError, match="val_fraction"):
         MapperConfig(val_fraction=1.0)
     with pytest.raises(MapperError, match="attr_dim"):

@@ -13,6 +13,9 @@ class MapperError(UsageError):
     """A mapper file, input or setting that cannot be used (bad shapes, unknown format, bad labels)."""
 
 
+_TRAINED_WITHOUT: dict[str, Any] = {"standardise_inputs": False, "id_input_dropout": 0.0, "ema_decay": 0.0}
+
+
 @dataclass
 class MapperConfig:
     """Architecture, losses and training settings of a mapper (saved beside the weights).
@@ -185,4 +188,6 @@ class MapperConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MapperConfig:
         check_config_keys(cls, d, MapperError, "mapper")
-        return cls(**d)
+        # Mappers saved before these settings existed were trained without them: read their absence as off, so
+        # that a loaded config says how its weights were made.
+        return cls(**{**_TRAINED_WITHOUT, **d})
