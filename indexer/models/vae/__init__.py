@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from indexer.models.vae.config import VAEConfig, VAEError
     from indexer.models.vae.evaluate import evaluate_vae
     from indexer.models.vae.grids import save_reconstruction_grid, save_sample_grid
+    from indexer.models.vae.losses import FeatureMatch
     from indexer.models.vae.model import (
         FORMAT,
         FORMAT_VERSION,
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
 _WHERE = {
     "ConvVAE": "model",
     "FORMAT": "model",
+    "FeatureMatch": "losses",
     "FORMAT_VERSION": "model",
     "META_FILE": "model",
     "VAEConfig": "config",

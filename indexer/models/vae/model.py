@@ -61,11 +61,20 @@ class ConvVAE(nn.Module):
             )
             prev = c
         self.encoder = nn.Sequential(OrderedDict(blocks))
-        flat = ch[-1] * BOTTOM * BOTTOM
-        self.fc_mu = nn.Linear(flat, config.latent_dim)
-        self.fc_logvar = nn.Linear(flat, config.latent_dim)
-
-        self.fc_decode = nn.Linear(config.latent_dim, flat)
+        self.fc_mu: nn.Module
+        self.fc_logvar: nn.Module
+        self.fc_decode: nn.Module
+        if config.latent_grid:
+            # A spatial latent: 1 x 1 convolutions at every place of the last feature map.
+            c_lat = config.latent_dim // config.latent_grid**2
+            self.fc_mu = nn.Conv2d(ch[-1], c_lat, 1)
+            self.fc_logvar = nn.Conv2d(ch[-1], c_lat, 1)
+            self.fc_decode = nn.Conv2d(c_lat, ch[-1], 1)
+        else:
+            flat = ch[-1] * BOTTOM * BOTTOM
+            self.fc_mu = nn.Linear(flat, config.latent_dim)
+            self.fc_logvar = nn.Linear(flat, config.latent_dim)
+            self.fc_decode = nn.Linear(config.latent_dim, flat)
         self.decode_act = _activation(config.activation)
         up: list[tuple[str, nn.Module]] = []
         rev = list(reversed(ch))
@@ -96,13 +105,18 @@ class ConvVAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images ``(N, 3, S, S)`` in [0, 1] -> posterior mean and log-variance, each ``(N, latent_dim)``."""
-        h = self.encoder(x).flatten(1)
-        return self.fc_mu(h), self.fc_logvar(h)
+        h = self.encoder(x)
+        if not self.config.latent_grid:
+            h = h.flatten(1)
+        return self.fc_mu(h).flatten(1), self.fc_logvar(h).flatten(1)
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
         """Latents ``(N, latent_dim)`` -> pixel logits ``(N, 3, S, S)`` (the BCE loss wants logits for stability)."""
-        c = self.config.channels[-1]
-        h = self.decode_act(self.fc_decode(z)).view(-1, c, BOTTOM, BOTTOM)
+        grid = self.config.latent_grid
+        if grid:
+            h = self.decode_act(self.fc_decode(z.view(len(z), -1, grid, grid)))
+        else:
+            h = self.decode_act(self.fc_decode(z)).view(-1, self.config.channels[-1], BOTTOM, BOTTOM)
         out: torch.Tensor = self.decoder(h)
         return out
 

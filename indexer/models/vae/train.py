@@ -84,6 +84,8 @@ def _train(images: torch.Tensor, ids: list[str], config: VAEConfig, progress: bo
     steps_per_epoch = math.ceil(n_train / config.batch_size)
     warmup_steps = config.kl_warmup_epochs * steps_per_epoch
     total_steps = steps_per_epoch * config.epochs
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
     sched = (
         torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps, eta_min=0.05 * config.lr)
         if config.lr_schedule == "cosine"
@@ -99,9 +101,12 @@ def _train(images: torch.Tensor, ids: list[str], config: VAEConfig, progress: bo
         model.train()
         t_epoch, cpu_epoch = time.perf_counter(), time.process_time()
         tot_loss = tot_recon = tot_kl = tot_feat = 0.0
+        seen = 0
         perm = torch.randperm(n_train, generator=gen)
         beta = config.beta
         for start in range(0, n_train, config.batch_size):
+            if step >= total_steps:
+                break
             x = as_float_images(train_images[perm[start : start + config.batch_size]])
             if config.hflip:
                 flip = torch.rand(len(x), generator=gen) < 0.5
@@ -113,7 +118,7 @@ def _train(images: torch.Tensor, ids: list[str], config: VAEConfig, progress: bo
             kl = kl_per_image(mu, logvar).mean()
             loss = recon + beta * kl
             if perceptual is not None:
-                feat = perceptual(torch.sigmoid(logits), x).mean()
+                feat = perceptual(torch.sigmoid(logits), x, gen).mean()
                 loss = loss + config.perceptual_weight * feat
                 tot_feat += feat.item() * len(x)
             opt.zero_grad(set_to_none=True)
@@ -125,14 +130,15 @@ def _train(images: torch.Tensor, ids: list[str], config: VAEConfig, progress: bo
             tot_loss += loss.item() * len(x)
             tot_recon += recon.item() * len(x)
             tot_kl += kl.item() * len(x)
+            seen += len(x)
         val = evaluate_vae(model, val_images, config.recon_loss)
         row = {
             "epoch": float(epoch),
             "beta": beta,
-            "train_loss": tot_loss / n_train,
-            "train_recon": tot_recon / n_train,
-            "train_kl": tot_kl / n_train,
-            "train_perceptual": tot_feat / n_train,
+            "train_loss": tot_loss / seen,
+            "train_recon": tot_recon / seen,
+            "train_kl": tot_kl / seen,
+            "train_perceptual": tot_feat / seen,
             "val_recon_mse": val["recon_mse"],
             "val_recon": val["recon"],
             "val_kl": val["kl"],
@@ -141,6 +147,8 @@ def _train(images: torch.Tensor, ids: list[str], config: VAEConfig, progress: bo
         }
         history.append(row)
         bar.set_postfix(loss=f"{row['train_loss']:.1f}", val_mse=f"{val['recon_mse']:.4f}", kl=f"{val['kl']:.1f}")
+        if step >= total_steps:
+            break
     bar.close()
     train_seconds = time.perf_counter() - t0
     # CPU time of all threads: on a shared machine wall time says more about the neighbours than about us.
@@ -155,7 +163,8 @@ def _train(images: torch.Tensor, ids: list[str], config: VAEConfig, progress: bo
         "train_loss_last_epoch": history[-1]["train_loss"],
         "train_seconds": train_seconds,
         "train_cpu_seconds": train_cpu_seconds,
-        "epochs": float(config.epochs),
+        "epochs": step / steps_per_epoch,
+        "steps": float(step),
         "n_train": float(n_train),
         "n_val": float(len(val_images)),
     }
