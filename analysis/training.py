@@ -23,15 +23,24 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from analysis.appearance import (
+    appearance_codes,
+    appearance_report,
+    cross_breed_neighbours,
+    save_neighbour_grid,
+)
 from indexer.latents import MAPPER, MODEL_SPACES, MODELS_DIR, VAE
 from indexer.store import Store, StoreError, schema, utcnow
 from indexer.store.atomic import current_umask
 
 if TYPE_CHECKING:
     from indexer.models.mapper import MapperConfig, MapperResult
-    from indexer.models.vae import VAEConfig, VAEResult
+    from indexer.models.vae import FeatureMatch, VAEConfig, VAEResult
 
 log = logging.getLogger(__name__)
+
+ATTRIBUTE_GRID_ROWS = 8  # validation photos in the mapper's z_attr neighbour grid
+ATTRIBUTE_GRID_NEIGHBOURS = 5  # other-breed neighbours per photo, in the grid and the appearance report
 
 
 def _install_model(store_path: Path, model: str, tmp_dir: Path, info: dict[str, Any]) -> Path:
@@ -104,7 +113,32 @@ def fit_store_mapper(store_path: Path, config: MapperConfig | None = None, *,
     ytr, yva = [str(breeds[i]) for i in tr], [str(breeds[i]) for i in va]
     for name, x in (("raw", sp.vectors), ("z_id", z_id), ("z_attr", z_attr)):
         result.report[f"val_knn_breed_acc_{name}"] = knn_accuracy(x[tr], ytr, x[va], yva, cfg.knn_k)
+    # What z_attr holds instead: val photos' nearest photos of other breeds should look alike (colour, framing).
+    codes = appearance_codes(_store_paths(store, sp.ids))
+    appearance = appearance_report(codes, {"raw": sp.vectors, "z_id": z_id, "z_attr": z_attr}, breeds, va,
+                                   k=ATTRIBUTE_GRID_NEIGHBOURS, seed=cfg.seed)
+    result.report.update({f"val_{key}": value for key, value in appearance.items()})
     return result
+
+
+def _store_paths(store: Store, ids: list[str]) -> list[str]:
+    return [str(p) for p in store.images.set_index("id").loc[ids, "path"]]
+
+
+def save_attribute_grid(store: Store, result: MapperResult, out: Path, n: int = ATTRIBUTE_GRID_ROWS) -> None:
+    """PNG of the first ``n`` validation photos, each followed by its nearest photos of other breeds in z_attr."""
+    from indexer.models.mapper import encode
+
+    sp = store.space(schema.ENCODER_SPACE)
+    breeds = _labelled_breeds(store, sp.ids)
+    val = [i for i, (id_, b) in enumerate(zip(sp.ids, breeds, strict=True))
+           if b is not None and result.split.get(id_) == "val"]
+    val = val[:: max(1, len(val) // n)][:n]  # spread over the store's order, which groups breeds
+    if not val:
+        return
+    _, z_attr = encode(result.mapper, sp.vectors)
+    nbrs = cross_breed_neighbours(z_attr, breeds, val, ATTRIBUTE_GRID_NEIGHBOURS)
+    save_neighbour_grid(_store_paths(store, sp.ids), breeds, val, nbrs, out)
 
 
 def install_mapper(store_path: Path, result: MapperResult) -> dict[str, Any]:
@@ -114,10 +148,11 @@ def install_mapper(store_path: Path, result: MapperResult) -> dict[str, Any]:
     store = Store.open(store_path)
     tmp = _temp_model_dir(store, MAPPER)
     saved = save_mapper(result, tmp)
+    save_attribute_grid(store, result, tmp / "attribute_neighbours.png")
     info = {"sha256": saved["sha256"], "config": result.config.to_dict(), "report": result.report,
             "trained_on": {"images": len(result.split), "encoder": store.encoder["name"]}}
     final = _install_model(store_path, MAPPER, tmp, info)
-    return {**info, "dir": str(final)}
+    return {**info, "dir": str(final), "attribute_neighbours_png": str(final / "attribute_neighbours.png")}
 
 
 def train_store_mapper(store_path: Path, config: MapperConfig | None = None, *,
@@ -148,12 +183,26 @@ def fit_store_vae(store_path: Path, config: VAEConfig | None = None, *, progress
     if len(ids) < 10:
         raise StoreError(f"{store_path}: the VAE needs at least 10 indexed photos, the store has {len(ids)}")
     images = load_images(store.images["path"].tolist(), cfg.image_size, workers=workers)
-    result = train_vae(images, ids, cfg, progress=progress)
+    result = train_vae(images, ids, cfg, progress=progress, perceptual=_feature_match(store, cfg))
     val_rows = [k for k, i in enumerate(ids) if result.split.get(i) == "val"]
     val_images = images[val_rows]
     quality = reconstruction_report(store, result.model, val_images, [ids[k] for k in val_rows])
     result.report.update({f"val_{name}": value for name, value in quality.items()})
     return FittedVAE(result, val_images)
+
+
+def _feature_match(store: Store, cfg: VAEConfig) -> FeatureMatch | None:
+    """The perceptual term through the store's own frozen encoder, when the config asks for one."""
+    from analysis.neighbours import encoder_for_store
+    from indexer.models.vae import FeatureMatch
+
+    if cfg.perceptual_weight <= 0:
+        return None
+    enc = encoder_for_store(store)
+    pre = enc.preprocessing
+    size = cfg.perceptual_size or int(pre.get("size") or pre.get("crop") or 224)
+    return FeatureMatch(enc.model, pre.get("mean", (0.0,) * 3), pre.get("std", (1.0,) * 3), size,
+                        crop=cfg.perceptual_crop)
 
 
 def install_vae(store_path: Path, fitted: FittedVAE) -> dict[str, Any]:

@@ -21,11 +21,20 @@ ALL_SPACES = {"encoder", "mapper_id", "mapper_attr", "vae_mu", "vae_logvar"}
 
 
 def test_mapper_defaults_disentangle_breed(pets_store_full: Path) -> None:
-    r = Store.open(pets_store_full).manifest["models"]["mapper"]["report"]
+    info = Store.open(pets_store_full).manifest["models"]["mapper"]
+    r = info["report"]
     print({k: round(v, 3) for k, v in r.items() if isinstance(v, float)})
-    assert r["val_knn_breed_acc_z_id"] >= r["val_knn_breed_acc_raw"]
+    # Held-out photos (the mapper's val split) against its train photos, the same k for every space.
+    assert r["val_knn_breed_acc_z_id"] >= r["val_knn_breed_acc_raw"] + 0.02
     assert r["probe_z_attr_acc"] <= r["probe_z_id_acc"] - 0.20
-    assert r["swap_acc"] >= 0.7
+    assert r["swap_acc"] >= 0.8
+    # How alike the nearest other-breed photos look (8 x 8 colour thumbnails) is reported, not asserted: measured
+    # on seed 0, z_attr 0.304, z_id 0.302, raw 0.294 against 0.306 for random photos of other breeds, so z_attr
+    # does not gather colour; its grid shows shared pose (lying, standing in profile, sitting) instead.
+    assert {f"val_appearance_distance_{s}" for s in ("raw", "z_id", "z_attr", "random")} <= set(r)
+    with Image.open(pets_store_full / info["dir"] / "attribute_neighbours.png") as im:
+        im.load()
+        assert im.width >= 6 * 96 and im.height >= 8 * 96
 
 
 def test_vae_defaults_learn_and_write_grids(pets_store_full: Path) -> None:
@@ -33,9 +42,13 @@ def test_vae_defaults_learn_and_write_grids(pets_store_full: Path) -> None:
     info = store.manifest["models"]["vae"]
     r = info["report"]
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()})
-    assert r["val_recon_mse_last_epoch"] <= 0.5 * r["val_recon_mse_first_epoch"]
-    # Measured and recorded (0.386 with the default VAE: below the majority-class rate, which issue 10 fixes).
-    assert isinstance(r["val_species_agreement"], float)
+    assert r["val_recon_mse_last_epoch"] <= 0.75 * r["val_recon_mse_first_epoch"]
+    # The encoder recognises held-out reconstructions: their 10 nearest indexed photos (originals excluded) vote
+    # the original's species at least 80% of the time (measured 0.85; a constant "dog" gets 0.61) and its breed
+    # far above the majority rate (measured 0.35 against 0.06).
+    assert r["val_species_agreement"] >= 0.80
+    assert r["val_species_agreement"] >= r["val_species_majority_rate"] + 0.15
+    assert r["val_breed_agreement"] >= 0.25 >= 3 * r["val_breed_majority_rate"]
     model_dir = pets_store_full / info["dir"]
     size = info["config"]["image_size"]
     for name in ("reconstructions.png", "samples.png"):
