@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import SHARED_DATA, timed, write_results
+from benchmarks.common import SHARED_DATA, shown, timed, write_results
 from indexer import defaults
 from indexer.encoders import load_encoder
 from indexer.extract import embed, iter_batches
@@ -66,7 +66,7 @@ def main() -> int:
     print(f"ratio index/forward  : {ratio:7.3f}  (target <= 1.25)")
     print(f"stages               : {rep.stages}")
     out = write_results("index", {
-        "data": str(a.data), "images": rep.added, "batch_size": a.batch_size, "workers": a.workers,
+        "data": shown(a.data), "images": rep.added, "batch_size": a.batch_size, "workers": a.workers,
         "encoder": defaults.ENCODER, "bare_forward_seconds": round(forward_s, 3),
         "index_seconds": round(index_s, 3), "ratio_index_over_forward": round(ratio, 3), "target_ratio": 1.25,
         "stages": rep.stages,

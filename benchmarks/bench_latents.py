@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from analysis.training import train_store_mapper, train_store_vae
-from benchmarks.common import SHARED_DATA, timed, write_results
+from benchmarks.common import SHARED_DATA, shown, timed, write_results
 from indexer.pipeline import run_index
 from indexer.store import Store
 
@@ -69,7 +69,7 @@ def main() -> int:
     print(f"ratio all/encoder-only           : {ratio:7.2f}")
     print(f"stages (all spaces)              : {rep_full.stages}")
     out = write_results("latents", {
-        "data": str(a.data), "images": rep_enc.added,
+        "data": shown(a.data), "images": rep_enc.added,
         "train_mapper_seconds": round(mapper_s, 1), "train_vae_seconds": round(vae_s, 1),
         "target_seconds": {"mapper": MAPPER_TARGET_S, "vae": VAE_TARGET_S},
         "mapper_report": mapper["report"], "vae_report": vae["report"],

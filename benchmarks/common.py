@@ -11,7 +11,8 @@ from typing import Any, TypeVar
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "benchmarks" / "results"
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
@@ -23,6 +24,12 @@ def timed(fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, float]:
     t = time.perf_counter()
     out = fn(*args, **kwargs)
     return out, time.perf_counter() - t
+
+
+def shown(path: Path) -> str:
+    """``path`` as a results file records it: relative to the checkout (``../shared/data/pets``), so that no
+    machine's absolute paths land in the repo."""
+    return os.path.relpath(Path(path).resolve(), REPO)
 
 
 def machine() -> dict[str, Any]:
