@@ -261,6 +261,15 @@ def test_same_seed_gives_identical_weights(pets: tuple[torch.Tensor, list[str]])
     assert first.split != other.split
 
 
+def test_max_steps_ends_training_mid_epoch() -> None:
+    paths = sample_photos(40, step=25)
+    images = load_images([str(p) for p in paths], 64, workers=0)
+    # 36 train images at batch 16: 3 steps an epoch, so 4 steps end in the second of 3 epochs.
+    result = _tiny(images, [p.name for p in paths], epochs=3, max_steps=4)
+    assert result.report["steps"] == 4 and len(result.history) == 2
+    assert result.report["epochs"] == pytest.approx(4 / 3)
+
+
 def test_128_px_option(tmp_path: Path) -> None:
     paths = sample_photos(32, step=35)
     images = load_images([str(p) for p in paths], 128, workers=0)
