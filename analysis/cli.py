@@ -285,6 +285,8 @@ def _conf_train(p: argparse.ArgumentParser) -> None:
         sp.add_argument("--json", action="store_true", help="print the training report as JSON")
         if name == "vae":
             sp.add_argument("--workers", type=int, default=1, help="photo decode workers")
+            sp.add_argument("--device", default=defaults.DEVICE,
+                            help="auto (cuda if present), cpu, cuda, cuda:1, ... (default %(default)s)")
         _add_config_options(sp, cls)
 
 
@@ -303,7 +305,7 @@ def _run_train(a: argparse.Namespace) -> int:
     if a.model == "mapper":
         out = train_store_mapper(a.store, cfg, progress=not a.quiet)
     else:
-        out = train_store_vae(a.store, cfg, progress=not a.quiet, workers=a.workers)
+        out = train_store_vae(a.store, cfg, progress=not a.quiet, workers=a.workers, device=a.device)
     if a.json:
         print(json.dumps(out, indent=2, default=str))
     else:

@@ -29,6 +29,7 @@ from analysis.appearance import (
     cross_breed_neighbours,
     save_neighbour_grid,
 )
+from indexer import defaults
 from indexer.latents import MAPPER, MODEL_SPACES, MODELS_DIR, VAE
 from indexer.store import Store, StoreError, schema, utcnow
 from indexer.store.atomic import current_umask
@@ -171,9 +172,9 @@ class FittedVAE:
 
 
 def fit_store_vae(store_path: Path, config: VAEConfig | None = None, *, progress: bool = True,
-                  workers: int = 1) -> FittedVAE:
+                  workers: int = 1, device: str = defaults.DEVICE) -> FittedVAE:
     """Train the convolutional VAE on the store's photos (nothing is written); the report gets the species
-    agreement of its validation reconstructions."""
+    agreement of its validation reconstructions. ``device`` ``"auto"`` trains on CUDA when there is one."""
     from analysis.evaluate import reconstruction_report
     from indexer.models.vae import VAEConfig, load_images, train_vae
 
@@ -183,7 +184,7 @@ def fit_store_vae(store_path: Path, config: VAEConfig | None = None, *, progress
     if len(ids) < 10:
         raise StoreError(f"{store_path}: the VAE needs at least 10 indexed photos, the store has {len(ids)}")
     images = load_images(store.images["path"].tolist(), cfg.image_size, workers=workers)
-    result = train_vae(images, ids, cfg, progress=progress, perceptual=_feature_match(store, cfg))
+    result = train_vae(images, ids, cfg, progress=progress, perceptual=_feature_match(store, cfg), device=device)
     val_rows = [k for k, i in enumerate(ids) if result.split.get(i) == "val"]
     val_images = images[val_rows]
     quality = reconstruction_report(store, result.model, val_images, [ids[k] for k in val_rows])
@@ -223,7 +224,8 @@ def install_vae(store_path: Path, fitted: FittedVAE) -> dict[str, Any]:
 
 
 def train_store_vae(store_path: Path, config: VAEConfig | None = None, *, progress: bool = True,
-                    workers: int = 1) -> dict[str, Any]:
+                    workers: int = 1, device: str = defaults.DEVICE) -> dict[str, Any]:
     """`mammals train vae`: refuse early if the store is being written, fit, evaluate, install."""
     _check_writable(store_path)
-    return install_vae(store_path, fit_store_vae(store_path, config, progress=progress, workers=workers))
+    return install_vae(store_path, fit_store_vae(store_path, config, progress=progress, workers=workers,
+                                                 device=device))

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from indexer.encoders import EncoderError
 from indexer.images import ImageError, load_image
 from indexer.models.config_docs import field_docs
 from indexer.models.interpolate import lerp, slerp
@@ -240,9 +241,9 @@ def test_save_load_round_trip_gives_identical_outputs(
         load_vae(tmp_path / "nowhere")
 
 
-def _tiny(images: torch.Tensor, ids: list[str], **kw: object) -> VAEResult:
+def _tiny(images: torch.Tensor, ids: list[str], device: str = "cpu", **kw: object) -> VAEResult:
     cfg = VAEConfig(**{"epochs": 1, "batch_size": 16, "perceptual_weight": 0.0, **kw})  # type: ignore[arg-type]
-    return train_vae(images, ids, cfg, progress=False)
+    return train_vae(images, ids, cfg, progress=False, device=device)
 
 
 def test_same_seed_gives_identical_weights(pets: tuple[torch.Tensor, list[str]]) -> None:
@@ -268,6 +269,32 @@ def test_max_steps_ends_training_mid_epoch() -> None:
     result = _tiny(images, [p.name for p in paths], epochs=3, max_steps=4)
     assert result.report["steps"] == 4 and len(result.history) == 2
     assert result.report["epochs"] == pytest.approx(4 / 3)
+
+
+def test_training_device_is_checked_and_reported() -> None:
+    paths = sample_photos(20, step=50)
+    images = load_images([str(p) for p in paths], 64, workers=0)
+    ids = [p.name for p in paths]
+    assert _tiny(images, ids, device="cpu").report["device"] == "cpu"
+    if not torch.cuda.is_available():
+        # Asking for a GPU that is not there is a one-line user error, before any training.
+        with pytest.raises(EncoderError, match="CUDA is not available"):
+            _tiny(images, ids, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_training_matches_the_cpu_run_and_returns_a_cpu_model(pets: tuple[torch.Tensor, list[str]]) -> None:
+    images, ids = pets[0][::10], pets[1][::10]
+    fm = _efficientnet_feature_match()
+    kw = {"epochs": 2, "perceptual_weight": 50.0, "perceptual_crop": 32}
+    cfg = VAEConfig(**{"batch_size": 16, **kw})  # type: ignore[arg-type]
+    cpu = train_vae(images, ids, cfg, progress=False, perceptual=fm, device="cpu")
+    gpu = train_vae(images, ids, cfg, progress=False, perceptual=fm, device="auto")
+    assert str(gpu.report["device"]).startswith("cuda") and gpu.split == cpu.split
+    assert all(p.device.type == "cpu" for p in gpu.model.parameters())
+    assert all(p.device.type == "cpu" for p in fm.net.parameters())  # moved back for the store's queries
+    # Same seed, same draws: only float rounding differs between the devices.
+    assert gpu.report["val_recon_mse_last_epoch"] == pytest.approx(cpu.report["val_recon_mse_last_epoch"], rel=0.1)
 
 
 def test_128_px_option(tmp_path: Path) -> None:
@@ -383,6 +410,28 @@ def test_feature_match_is_zero_for_the_original_and_grows_with_damage(
     assert r.grad is not None and r.grad.abs().sum() > 0
     assert all(p.grad is None for p in fm.net.parameters())
     assert all(torch.equal(v, frozen[k]) for k, v in fm.net.state_dict().items())
+
+
+@pytest.mark.parametrize("at", [(0, 0), (17, 3), (40, 40), (13, 40)])
+def test_feature_match_window_is_cut_then_enlarged_exactly_as_from_the_whole_enlarged_image(
+    at: tuple[int, int],
+) -> None:
+    # The window is cut from the small image (plus bicubic's margin) and only it is enlarged: it must be the very
+    # window of the whole enlarged image, at the image's edges and inside it.
+    fm = FeatureMatch(torch.nn.Identity(), (0.0,) * 3, (1.0,) * 3, size=256, crop=96)
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert fm.window_side(64) == 24
+    whole = torch.nn.functional.interpolate(images, size=256, mode="bicubic", align_corners=False)
+    top, left = at[0] * 4, at[1] * 4
+    want = whole[..., top : top + 96, left : left + 96]
+    got = fm._window(images, at)
+    assert got.shape == want.shape == (3, 3, 96, 96)
+    assert (got - want).abs().max() < 1e-5
+    # No whole-pixel window (256 is not a multiple of 60): the whole image is enlarged, the centre cut.
+    assert fm.window_side(60) == 0
+    odd = torch.rand(1, 3, 60, 60)
+    centre = torch.nn.functional.interpolate(odd, size=256, mode="bicubic", align_corners=False)[..., 80:176, 80:176]
+    assert torch.equal(fm._window(odd, None), centre)
 
 
 def test_perceptual_weight_needs_the_encoder_and_changes_training(pets: tuple[torch.Tensor, list[str]]) -> None:

@@ -16,9 +16,10 @@ def evaluate_vae(model: ConvVAE, images: torch.Tensor, kind: str) -> dict[str, f
     statistics and every epoch is measured the same way.
     """
     sq = kl = recon = 0.0
+    device = next(model.parameters()).device
     with eval_mode(model):
         for start in range(0, len(images), EVAL_BATCH):
-            x = as_float_images(images[start : start + EVAL_BATCH])
+            x = as_float_images(images[start : start + EVAL_BATCH].to(device))
             mu, logvar = model.encode(x)
             logits = model.decode_logits(mu)
             sq += (torch.sigmoid(logits) - x).pow(2).sum().item()

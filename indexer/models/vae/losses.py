@@ -67,12 +67,12 @@ class FeatureMatch(nn.Module):
             if side == self.size:
                 return images
             return F.interpolate(images, size=self.size, mode="bicubic", align_corners=False)
-        scale = self.size // side if self.size % side == 0 else 0
-        src = self.crop // scale if scale and self.crop % scale == 0 else 0
+        src = self.window_side(side)
         if not src:  # no whole-pixel window: enlarge everything, then cut
             big = F.interpolate(images, size=self.size, mode="bicubic", align_corners=False)
             top, left = (self.size - self.crop) // 2, (self.size - self.crop) // 2
             return big[..., top : top + self.crop, left : left + self.crop]
+        scale = self.size // side
         top, left = at if at is not None else ((side - src) // 2, (side - src) // 2)
         # Cut first, with a margin of 2 source pixels (what bicubic reads on each side, so the window comes out as
         # it would from the whole enlarged image), enlarge only the window: 1/16 of the work for 128 of 256.

@@ -148,7 +148,10 @@ class ConvVAE(nn.Module):
 def reparameterise(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """A sample ``z = mu + sigma * eps`` of the posterior, differentiable in mu and logvar."""
     # The noise comes from the run's generator so that training is reproducible.
-    eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+    # Drawn where the generator lives (the CPU one of a training run, also when the model is on a GPU), so that
+    # a seed gives the same noise on every device.
+    where = generator.device if generator is not None else mu.device
+    eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=where).to(mu.device)
     return mu + torch.exp(0.5 * logvar) * eps
 
 
@@ -160,7 +163,7 @@ class VAEResult:
     config: VAEConfig
     split: dict[str, str]
     """Image id -> ``"train"`` or ``"val"``."""
-    report: dict[str, float]
+    report: dict[str, float | str]  # figures, and the device it trained on
     history: list[dict[str, float]] = field(default_factory=list)
 
 

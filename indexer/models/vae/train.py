@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
+from indexer.encoders.common import resolve_device
 from indexer.models.scoped import num_threads
 from indexer.models.vae.config import VAEConfig, VAEError
 from indexer.models.vae.evaluate import evaluate_vae
@@ -30,6 +31,7 @@ def train_vae(
     *,
     progress: bool = True,
     perceptual: FeatureMatch | None = None,
+    device: str | torch.device = "cpu",
 ) -> VAEResult:
     """Train a VAE on ``images`` ``(N, 3, S, S)`` (uint8 or float in [0, 1]) whose ids are ``ids``.
 
@@ -40,6 +42,11 @@ def train_vae(
 
     ``perceptual`` (a :class:`FeatureMatch` around the store's frozen encoder) is required when
     ``config.perceptual_weight`` is positive.
+
+    ``device``: where the model (and ``perceptual``'s network, for the run) computes: ``"auto"`` picks CUDA when
+    present. The photos stay in host memory (pinned on a GPU run) and travel a batch at a time as uint8; every
+    random draw comes from one CPU generator, so a seed gives the same split, batches and noise on any device.
+    The trained model is returned on the CPU, and ``perceptual`` is moved back where it was.
     """
     config = config or VAEConfig()
     ids = [str(i) for i in ids]
@@ -62,21 +69,31 @@ def train_vae(
 
     if config.perceptual_weight > 0 and perceptual is None:
         raise VAEError("perceptual_weight > 0 needs the frozen encoder (perceptual=FeatureMatch(...))")
-    with num_threads(config.num_threads):
-        return _train(images, ids, config, progress, perceptual if config.perceptual_weight > 0 else None)
+    dev = resolve_device(device, "VAE training")
+    term = perceptual if config.perceptual_weight > 0 else None
+    home = next(term.net.parameters()).device if term is not None else dev
+    try:
+        with num_threads(config.num_threads):
+            return _train(images, ids, config, progress, term.to(dev) if term is not None else None, dev)
+    finally:
+        if term is not None:
+            term.to(home)  # the store's cached encoder: a query after training expects it where it was
 
 
 def _train(images: torch.Tensor, ids: list[str], config: VAEConfig, progress: bool,
-           perceptual: FeatureMatch | None) -> VAEResult:
+           perceptual: FeatureMatch | None, device: torch.device) -> VAEResult:
     # Weight initialisation draws from torch's global generator: seed it, inside fork_rng so that the caller's
     # global random state is the same after training as before.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model = ConvVAE(config)
+        model = ConvVAE(config).to(device)
     # Every other random draw (split, batch order, flips, reparameterisation noise) comes from this one.
     gen = torch.Generator().manual_seed(config.seed)
     train_idx, val_idx = _split(len(images), config.val_fraction, gen)
     train_images, val_images = images[train_idx], images[val_idx]
+    cuda = device.type == "cuda"
+    if cuda:
+        train_images = train_images.pin_memory()  # lets the copies below overlap the GPU's work
     split = {ids[i]: "train" for i in train_idx.tolist()} | {ids[i]: "val" for i in val_idx.tolist()}
 
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -107,9 +124,10 @@ def _train(images: torch.Tensor, ids: list[str], config: VAEConfig, progress: bo
         for start in range(0, n_train, config.batch_size):
             if step >= total_steps:
                 break
-            x = as_float_images(train_images[perm[start : start + config.batch_size]])
+            batch = train_images[perm[start : start + config.batch_size]]
+            x = as_float_images(batch.pin_memory().to(device, non_blocking=True) if cuda else batch)
             if config.hflip:
-                flip = torch.rand(len(x), generator=gen) < 0.5
+                flip = (torch.rand(len(x), generator=gen) < 0.5).to(device)
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             beta = config.beta * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else config.beta
             mu, logvar = model.encode(x)
@@ -153,9 +171,10 @@ def _train(images: torch.Tensor, ids: list[str], config: VAEConfig, progress: bo
     train_seconds = time.perf_counter() - t0
     # CPU time of all threads: on a shared machine wall time says more about the neighbours than about us.
     train_cpu_seconds = time.process_time() - cpu0
-    model.eval()
+    model = model.cpu().eval()
 
-    report = {
+    report: dict[str, float | str] = {
+        "device": str(device),
         "val_recon_mse_untrained": untrained["recon_mse"],
         "val_recon_mse_first_epoch": history[0]["val_recon_mse"],
         "val_recon_mse_last_epoch": history[-1]["val_recon_mse"],
