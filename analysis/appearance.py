@@ -43,14 +43,19 @@ def appearance_codes(paths: Sequence[str | Path], side: int = CODE_SIDE) -> np.n
     return out
 
 
+def _breed_arrays(breeds: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Labels as an object array ("" where unknown) and the mask of rows that have one."""
+    labels = np.array([b if b is not None else "" for b in breeds], dtype=object)
+    return labels, np.array([b is not None for b in breeds])
+
+
 def cross_breed_neighbours(vectors: np.ndarray, breeds: Sequence[str | None], rows: Sequence[int],
                            k: int) -> np.ndarray:
     """``(len(rows), k)``: for each query row, the k nearest rows (cosine) that have a breed other than its own.
 
     Queries need a breed; rows without one are never neighbours (their breed is unknown, not other)."""
     unit = unit_rows(np.asarray(vectors, dtype=np.float32))
-    known = np.array([b is not None for b in breeds])
-    labels = np.array([b if b is not None else "" for b in breeds], dtype=object)
+    labels, known = _breed_arrays(breeds)
     out = np.empty((len(rows), k), dtype=np.int64)
     for n, r in enumerate(rows):
         sims = unit @ unit[r]
@@ -61,8 +66,7 @@ def cross_breed_neighbours(vectors: np.ndarray, breeds: Sequence[str | None], ro
 
 def _random_other_breed(breeds: Sequence[str | None], rows: Sequence[int], k: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    labels = np.array([b if b is not None else "" for b in breeds], dtype=object)
-    known = np.array([b is not None for b in breeds])
+    labels, known = _breed_arrays(breeds)
     return np.stack([rng.choice(np.flatnonzero(known & (labels != labels[r])), size=k, replace=False) for r in rows])
 
 
