@@ -50,7 +50,12 @@ def _conf_index(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE)
     p.add_argument("--workers", type=int, default=defaults.WORKERS, help="decode worker processes")
     p.add_argument("--device", default=defaults.DEVICE, help="auto (cuda if present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--no-sparsity", action="store_true", help="skip per-layer activation sparsity (faster)")
+    p.add_argument("--sparsity", choices=("auto", *defaults.SPARSITY_METHODS), default=None,
+                   help="per-layer activation sparsity: sampled (estimated from "
+                        f"{defaults.SPARSITY_SAMPLE_UNITS} random units per image and layer; error bounds in "
+                        "indexer/sparsity/metrics.py), exact (every unit; several times slower), off; auto (the "
+                        f"default): the store's method, else {defaults.SPARSITY}")
+    p.add_argument("--no-sparsity", action="store_true", help="same as --sparsity off")
     p.add_argument("--sparsity-threshold", type=float, default=defaults.SPARSITY_THRESHOLD,
                    help=f"near-zero threshold relative to each layer's peak (default {defaults.SPARSITY_THRESHOLD})")
     p.add_argument("--wait", action="store_true",
@@ -69,10 +74,13 @@ def _run_index(a: argparse.Namespace) -> int:
         raise UsageError("--batch-size must be >= 1 and --workers >= 0")
     if a.index_kind is not None and a.index_kind not in INDEX_KINDS:
         raise UsageError(f"--index must be one of {', '.join(INDEX_KINDS)}, not {a.index_kind!r}")
+    if a.no_sparsity and a.sparsity not in (None, "off"):
+        raise UsageError(f"--no-sparsity contradicts --sparsity {a.sparsity}")
+    sparsity = "off" if a.no_sparsity else a.sparsity or "auto"
     dirs = a.data_dirs or stored_sources(a.store) or default_data_dirs()
     report = run_index(dirs, a.store, encoder=a.encoder, layout=a.layout, species=a.species, labels_csv=a.labels,
                        batch_size=a.batch_size, workers=a.workers, device=a.device, progress=not a.quiet,
-                       sparsity=not a.no_sparsity, sparsity_threshold=a.sparsity_threshold, wait=a.wait,
+                       sparsity=sparsity, sparsity_threshold=a.sparsity_threshold, wait=a.wait,
                        index_kind=a.index_kind)
     if a.json:
         print(json.dumps({**report.as_dict(), "error_files": [{"path": p, "reason": r} for p, r in report.errors]},

@@ -88,9 +88,18 @@ def space_meta(model: str, models: TrainedModels) -> dict[str, Any]:
     return {"kind": model, "model": model, "model_sha256": models.sha256[model]}
 
 
-def sparsity_is_current(store: Store, model: str, sha: str, threshold: float) -> bool:
+def sparsity_method(info: Mapping[str, Any]) -> str:
+    """How a store's sparsity rows of one model were computed: ``"exact"`` or ``"sampled:<units>"`` (rows written
+    before sampling existed carry no method and are exact)."""
+    method = str(info.get("method", "exact"))
+    return f"sampled:{int(info.get('sample_units', 0))}" if method == "sampled" else method
+
+
+def sparsity_is_current(store: Store, model: str, sha: str, threshold: float, method: str = "exact") -> bool:
+    """The model's rows were computed from these weights, with this threshold and method (``sparsity_method``)."""
     info = store.sparsity_models().get(model) or {}
-    return info.get("model_sha256") == sha and info.get("threshold") == threshold
+    return (info.get("model_sha256") == sha and info.get("threshold") == threshold
+            and sparsity_method(info) == method)
 
 
 @torch.inference_mode()

@@ -42,6 +42,7 @@ from indexer.latents import (
     space_is_current,
     space_meta,
     sparsity_is_current,
+    sparsity_method,
     vae_vectors,
 )
 from indexer.sources import CatalogRow, is_utf8_path, join_labels, printable_path, scan
@@ -144,12 +145,45 @@ class _Plan:
     backfill_models: list[str]  # models whose spaces are (re)computed for every photo in pass 2
     sparsity: dict[str, str]  # model -> weights sha256 of the models whose sparsity is recorded
     threshold: float
+    method: str = "exact"  # "exact" or "sampled:<units>" (indexer.latents.sparsity_method)
+
+    @property
+    def sampling(self) -> tuple[str, int]:
+        """The recorder's (method, units)."""
+        kind, _, units = self.method.partition(":")
+        return kind, int(units or defaults.SPARSITY_SAMPLE_UNITS)
+
+    def sparsity_info(self, model: str) -> dict[str, Any]:
+        kind, units = self.sampling
+        info: dict[str, Any] = {"model_sha256": self.sparsity[model], "threshold": self.threshold, "method": kind}
+        return {**info, "sample_units": units} if kind == "sampled" else info
 
     def needs_vae_pixels(self) -> bool:
         return any(s in self.live_spaces for s in MODEL_SPACES[VAE])
 
 
-def _plan(store: Store, enc: Encoder, models: TrainedModels, *, sparsity: bool, threshold: float) -> _Plan:
+def resolve_sparsity(store: Store, sparsity: bool | str) -> str:
+    """The sparsity method of a run: ``"off"``, ``"exact"`` or ``"sampled:<units>"``.
+
+    ``True``/``"auto"``: the method the store's rows were computed with (one store, one method: mixing would make
+    images incomparable), else :data:`indexer.defaults.SPARSITY`. A method other than the store's recomputes
+    every image's rows, as a new threshold does."""
+    if sparsity is False or sparsity == "off":
+        return "off"
+    if sparsity is True or sparsity == "auto":
+        recorded = store.sparsity_models()
+        kinds = {sparsity_method(info) for info in recorded.values()}
+        if len(kinds) == 1:
+            return kinds.pop()
+        sparsity = defaults.SPARSITY
+    if sparsity == "exact":
+        return "exact"
+    if sparsity == "sampled":
+        return f"sampled:{defaults.SPARSITY_SAMPLE_UNITS}"
+    raise StoreError(f"unknown sparsity method {sparsity!r} (choose from auto, {', '.join(defaults.SPARSITY_METHODS)})")
+
+
+def _plan(store: Store, enc: Encoder, models: TrainedModels, *, sparsity: str, threshold: float) -> _Plan:
     live: list[str] = []
     backfill: list[str] = []
     for model in models.available():
@@ -163,12 +197,12 @@ def _plan(store: Store, enc: Encoder, models: TrainedModels, *, sparsity: bool, 
             backfill.append(model)
     shas = {ENCODER: enc.weights_sha256, **models.sha256}
     recorded: dict[str, str] = {}
-    if sparsity:
+    if sparsity != "off":
         for model, sha in shas.items():
-            if model in store.sparsity_models() and not sparsity_is_current(store, model, sha, threshold):
+            if model in store.sparsity_models() and not sparsity_is_current(store, model, sha, threshold, sparsity):
                 store.drop_sparsity(model)
             recorded[model] = sha
-    return _Plan(live, backfill, recorded, threshold)
+    return _Plan(live, backfill, recorded, threshold, sparsity if sparsity != "off" else "exact")
 
 
 class _Recorders:
@@ -184,8 +218,10 @@ class _Recorders:
             nets[VAE] = (models.vae, models.vae.activation_layers())
         for model, (net, layers) in nets.items():
             if model in plan.sparsity:
+                method, units = plan.sampling
                 self.by_model[model] = stack.enter_context(
-                    SparsityRecorder(net, model, threshold=plan.threshold, layers=layers))
+                    SparsityRecorder(net, model, threshold=plan.threshold, layers=layers, method=method,
+                                     units=units))
 
     def record(self, model: str, ids: list[str]) -> Any:
         rec = self.by_model.get(model)
@@ -199,9 +235,8 @@ class _Recorders:
             if keep_ids is not None:
                 df = df[df["id"].isin(keep_ids)]
             if len(df):
-                store.add_sparsity(df.reset_index(drop=True), model, {
-                    "model_sha256": self.plan.sparsity[model], "threshold": self.plan.threshold,
-                    "layers": rec.layer_names})
+                store.add_sparsity(df.reset_index(drop=True), model,
+                                   {**self.plan.sparsity_info(model), "layers": rec.layer_names})
 
     def missing_ids(self, store: Store, model: str) -> list[str]:
         """Store ids without sparsity rows of ``model`` (all of them after a retrain or a --no-sparsity run)."""
@@ -224,7 +259,7 @@ def run_index(
     device: str = defaults.DEVICE,
     progress: bool = True,
     commit_every_seconds: float = defaults.COMMIT_EVERY_SECONDS,
-    sparsity: bool = True,
+    sparsity: bool | str = True,
     sparsity_threshold: float = DEFAULT_THRESHOLD,
     wait: bool = False,
     index_kind: str | None = None,
@@ -235,6 +270,8 @@ def run_index(
     run, and sparsity rows still missing, are computed for every stored image.  The run holds the store's writer
     lock throughout (``wait`` for it when another process holds it; else a StoreError naming the holder).
     ``index_kind`` forces the vector index type (see ``indexer.store.vectors.INDEX_KINDS``; default: by size).
+    ``sparsity``: ``"auto"`` (or True: the store's method, else ``"sampled"``), ``"sampled"``, ``"exact"`` or
+    ``"off"`` (or False); see :func:`resolve_sparsity`.
     """
     t_start = time.perf_counter()
     if not wait:
@@ -279,14 +316,15 @@ def recompute_spaces(store_path: Path, spaces: Sequence[str], *, device: str = d
 def _run_locked(
     store: Store, rows: list[CatalogRow], matched: int | None, enc: Encoder, dev: torch.device, *,
     sources: Sequence[Path], layout: str, species: str | None, labels_csv: Path | None, batch_size: int,
-    workers: int, progress: bool, commit_every_seconds: float, sparsity: bool, sparsity_threshold: float,
+    workers: int, progress: bool, commit_every_seconds: float, sparsity: bool | str, sparsity_threshold: float,
     index_kind: str | None, t_start: float,
 ) -> IndexReport:
     store_path = store.path
     if schema.ENCODER_SPACE not in store.space_names() and len(store):
         _recompute_encoder_space(store, enc, dev, batch_size=batch_size, workers=workers, progress=progress)
     models = load_trained_models(store, dev)
-    plan = _plan(store, enc, models, sparsity=sparsity, threshold=sparsity_threshold)
+    method = resolve_sparsity(store, sparsity)
+    plan = _plan(store, enc, models, sparsity=method, threshold=sparsity_threshold)
     report = IndexReport(store=str(store_path), scanned=len(rows), labels_matched=matched)
     if labels_csv is not None:
         report.labels_updated = _relabel(store, rows)
@@ -298,7 +336,7 @@ def _run_locked(
         "batch_size": batch_size,
         "workers": workers,
         "device": str(dev),
-        "sparsity": sparsity,
+        "sparsity": method,
         "sparsity_threshold": sparsity_threshold,
         "index": index_kind or store.manifest.get("parameters", {}).get("index") or "auto",
     }

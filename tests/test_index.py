@@ -364,3 +364,31 @@ def test_killed_run_resumes(tmp_path: Path) -> None:
     rep = run_index([PETS], store, progress=False, sparsity=False)
     assert rep.already_indexed == done and rep.already_indexed + rep.added == 1140
     assert len(Store.open(store)) == 1140
+
+
+def test_sparsity_method_is_recorded_kept_by_auto_and_a_new_one_recomputes_every_image(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in sample_photos(6, step=150):
+        shutil.copy(p, src / f"{p.parent.name}-{p.name}")
+    store = tmp_path / "store"
+
+    def info() -> tuple[dict[str, object], pd.DataFrame]:
+        s = Store.open(store)
+        return s.sparsity_models()["encoder"], s.sparsity()
+
+    assert cli(["index", str(src), "--store", str(store), "-q", "--workers", "0", "--species", "dog",
+                "--layout", "flat"]) == 0
+    first, rows = info()
+    assert first["method"] == "sampled" and first["sample_units"] == 4096
+    assert rows["id"].nunique() == 6 and rows["value"].notna().all()
+    assert Store.open(store).manifest["parameters"]["sparsity"] == "sampled:4096"
+    # Another method recomputes every image's rows (one store, one method), and `auto` then keeps it.
+    assert cli(["index", "--store", str(store), "-q", "--workers", "0", "--sparsity", "exact"]) == 0
+    second, exact_rows = info()
+    assert second["method"] == "exact" and "sample_units" not in second
+    assert len(exact_rows) == len(rows) and not np.allclose(exact_rows["value"], rows["value"])
+    assert cli(["index", "--store", str(store), "-q", "--workers", "0"]) == 0
+    third, kept = info()
+    assert third == second and kept["value"].tolist() == exact_rows["value"].tolist()
+    assert cli(["index", "--store", str(store), "-q", "--no-sparsity", "--sparsity", "exact"]) == 2

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
@@ -468,3 +469,77 @@ def test_tf_efficientnet_lite0_on_real_photos() -> None:
     assert ((wide.l1_l2_ratio >= 1) & (wide.l1_l2_ratio <= np.sqrt(n) + 1e-9)).all()
     # ReLU6 zeroes a good share of every layer
     assert (wide.near_zero_fraction > 0.05).all()
+
+
+# ------------------------------------------------------------------------------------------------- sampled
+def _pets_batch(n: int) -> tuple[torch.Tensor, list[str]]:
+    from indexer.encoders.efficientnet import build_preprocess
+
+    photos = sorted(PETS.glob("*/*/*.jpg"))[:: max(1, 1140 // n)][:n]
+    pre = build_preprocess()
+    return torch.stack([pre(Image.open(p)) for p in photos]), [p.stem for p in photos]
+
+
+def _record(model: nn.Module, batches: list[tuple[torch.Tensor, list[str]]], **kw: object) -> pd.DataFrame:
+    with SparsityRecorder(model, "encoder", **kw) as rec, torch.inference_mode():  # type: ignore[arg-type]
+        for x, ids in batches:
+            with rec.record(ids):
+                model(x)
+    return rec.frame().set_index(["id", "layer_index", "metric"])["value"]
+
+
+def test_sampled_metrics_are_within_the_stated_bounds_of_the_exact_ones_on_real_photos() -> None:
+    # The bounds of indexer/sparsity/metrics.py, on the real encoder (pretrained weights) and 64 pets photos.
+    from indexer.encoders import load_encoder
+
+    model = load_encoder("efficientnet-lite0").model.to(memory_format=torch.channels_last)
+    x, ids = _pets_batch(64)
+    x = x.contiguous(memory_format=torch.channels_last)
+    exact = _record(model, [(x, ids)], method="exact")
+    sampled = _record(model, [(x, ids)], method="sampled")
+    assert sampled.index.equals(exact.index) and sampled.notna().all()
+    err = (sampled - exact).abs()
+    per_metric = err.groupby(level="metric")
+    assert per_metric.max()[["near_zero_fraction", "hoyer", "gini"]].max() <= 0.04
+    rel = (err / exact.abs().clip(lower=1e-12)).xs("l1_l2_ratio", level="metric")
+    assert rel.max() <= 0.15
+    # Over images the errors cancel (each image has its own sample): layer means agree far more closely.
+    means = pd.DataFrame({"s": sampled, "e": exact}).groupby(level=["layer_index", "metric"]).mean()
+    gap = (means.s - means.e).abs()
+    assert gap.drop("l1_l2_ratio", level="metric").max() <= 0.005
+    assert (gap / means.e.abs()).xs("l1_l2_ratio", level="metric").max() <= 0.01
+    # And the sampling is not a no-op: some per-image values differ from the exact ones.
+    assert (err > 1e-6).any()
+
+
+def test_sampled_metrics_of_an_image_do_not_depend_on_batch_or_memory_layout() -> None:
+    from indexer.encoders import load_encoder
+
+    model = load_encoder("efficientnet-lite0").model
+    x, ids = _pets_batch(6)
+    nchw = _record(model, [(x, ids)], method="sampled")
+    model = model.to(memory_format=torch.channels_last)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    split = _record(model, [(cl[4:], ids[4:]), (cl[:4], ids[:4])], method="sampled")
+    # Same entries of the same image: equal up to float rounding of the convolutions in the two layouts.
+    assert np.allclose(split.loc[nchw.index].to_numpy(), nchw.to_numpy(), rtol=1e-4, atol=1e-4)
+    other = _record(model, [(cl, ids)], method="sampled", units=2048)
+    assert not np.allclose(other.loc[nchw.index].to_numpy(), nchw.to_numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_sampled_metrics_small_layers_exact_and_non_finite_images_nan() -> None:
+    from indexer.sparsity.metrics import image_seeds, sampled_sparsity_metrics
+
+    acts = torch.relu(torch.randn(3, 8, 4, 4, generator=torch.Generator().manual_seed(0)))
+    seeds = image_seeds(["a", "b", "c"])
+    small = sampled_sparsity_metrics(acts, seeds, 0, units=128)  # 128 entries per image: all of them
+    assert_metrics(small, [ref_metrics(acts[i].flatten().tolist()) for i in range(3)])
+    big = torch.relu(torch.randn(3, 64, 32, 32, generator=torch.Generator().manual_seed(1)))
+    big[1, 5, 3, 3] = math.nan
+    got = sampled_sparsity_metrics(big, seeds, 0, units=512)
+    assert all(math.isnan(got[m][1].item()) for m in METRICS)
+    assert all(math.isfinite(got[m][i].item()) for m in METRICS for i in (0, 2))
+    with pytest.raises(ValueError, match="seeds"):
+        sampled_sparsity_metrics(big, seeds[:2], 0, units=512)
+    with pytest.raises(ValueError, match="method"):
+        SparsityRecorder(nn.ReLU(), "m", method="approximate")

@@ -46,12 +46,35 @@ allocates), one image per task, images spread over ``torch.get_num_threads()`` t
 while sorting; each image's numbers do not depend on the thread count); elsewhere (CUDA) it is one batched
 ``torch.sort`` along dim 1 over chunks of images.  Only the ``(B,)`` results leave the device.
 
+Sampled metrics (the indexing default)
+--------------------------------------
+:func:`sampled_sparsity_metrics` estimates the same four numbers from ``units`` (default
+:data:`DEFAULT_SAMPLE_UNITS`) entries of each image's layer drawn uniformly at random with replacement, so that
+the cost no longer grows with the layer (EfficientNet-Lite0's 33 layers hold 3.4 M activations per 224 px image:
+the exact sort costs about twice the forward pass itself).  The draw is seeded by the image's id and the layer's
+position, so an image gets the same numbers in every run, batch and memory layout, and it differs from image to
+image, so the errors average out over a group of images instead of biasing a layer.
+
+- the peak ``s = max |a|`` is exact (a full-layer max: cheap, no sort), so ``near_zero_fraction`` is an unbiased
+  estimate of the exact fraction;
+- ``near_zero_fraction`` and ``gini`` are those of the sample;
+- ``l1_l2_ratio`` is the sample's ratio times ``sqrt(n / units)`` (L1 scales with the count, L2 with its root),
+  and ``hoyer`` is computed from that estimate with the layer's true ``n``.
+
+Error (binomial: a fraction estimated from ``units`` draws has standard error at most ``0.5 / sqrt(units)``,
+0.008 at 4,096): measured on the 1,140 pets photos against the exact metrics (every image, all 33 layers of
+EfficientNet-Lite0), see ``tests/test_sparsity.py`` for the asserted bounds: per image and layer, at most 0.04 for
+``near_zero_fraction``, ``hoyer`` and ``gini`` and 15% relative for ``l1_l2_ratio``; a layer's mean over 64
+images within 0.005 (1% relative for ``l1_l2_ratio``; measured: 0.001 and 0.2%).  Layers with at most ``units``
+entries are computed exactly.
+
 :data:`DEFAULT_THRESHOLD` is ``indexer.defaults.SPARSITY_THRESHOLD``.
 """
 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -61,11 +84,13 @@ import torch
 
 from indexer import defaults
 
-__all__ = ["DEFAULT_THRESHOLD", "METRICS", "sparsity_metrics"]
+__all__ = ["DEFAULT_SAMPLE_UNITS", "DEFAULT_THRESHOLD", "METRICS", "image_seeds", "sampled_sparsity_metrics",
+           "sparsity_metrics"]
 
 METRICS: tuple[str, ...] = ("near_zero_fraction", "hoyer", "gini", "l1_l2_ratio")
 
 DEFAULT_THRESHOLD: float = defaults.SPARSITY_THRESHOLD  # see indexer/defaults.py
+DEFAULT_SAMPLE_UNITS: int = defaults.SPARSITY_SAMPLE_UNITS
 
 # Rows of images sorted together on non-CPU devices: bounds the float64 copy to 512 MiB.
 _DEVICE_CHUNK_ELEMENTS = 1 << 26
@@ -178,7 +203,7 @@ def _sparsity_metrics(acts: torch.Tensor, threshold: float, *, method: str) -> d
     # MPS has no float64: results stay on the CPU there.
     out_device = torch.device("cpu") if device.type == "mps" else device
     with torch.no_grad():
-        flat = acts.detach().reshape(b, n)
+        flat = _rows(acts.detach(), b, n)
         if method == "auto":
             method = "numpy" if device.type == "cpu" else "torch"
         if method == "numpy":
@@ -211,3 +236,128 @@ def _combine(
     out = {"near_zero_fraction": near / n, "hoyer": hoyer, "gini": gini, "l1_l2_ratio": ratio}
     nan = torch.full_like(l1, math.nan)
     return {k: torch.where(finite, out[k], nan) for k in METRICS}
+
+
+# ------------------------------------------------------------------------------------------------- sampled
+
+
+def _rows(acts: torch.Tensor, b: int, n: int) -> torch.Tensor:
+    """``(b, n)``: each image's entries in memory order. Every metric ignores the order of the entries, so a
+    channels-last activation is read where it lies instead of being copied into NCHW order by ``reshape``."""
+    if _dense(acts, n):
+        return acts.as_strided((b, n), (n, 1), acts.storage_offset())
+    return acts.reshape(b, n)
+
+
+def _dense(acts: torch.Tensor, n: int) -> bool:
+    """Each image's n entries lie in one block of n, one image after the other (NCHW or channels-last)."""
+    contiguous = acts.is_contiguous() or (acts.dim() == 4 and acts.is_contiguous(memory_format=torch.channels_last))
+    return contiguous and acts.shape[0] > 0 and acts.stride(0) == n
+
+
+def image_seeds(ids: list[str]) -> np.ndarray:
+    """One 63-bit seed per image id (blake2b of the id): the sample of an image is the same in every run."""
+    return np.array([int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little") >> 1
+                     for i in ids], dtype=np.uint64)
+
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function, element-wise on uint64 (wrapping): a counter-based uniform hash."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return (x ^ (x >> np.uint64(31))) & _MASK64
+
+
+def _positions(seeds: np.ndarray, salt: int, units: int, n: int) -> np.ndarray:
+    """``(B, units)`` logical positions in ``[0, n)`` (NCHW order), uniform with replacement, from each image's
+    seed and the layer's ``salt``: counter-based, so no generator is created per image."""
+    with np.errstate(over="ignore"):
+        base = _splitmix64(seeds.astype(np.uint64) ^ _splitmix64(np.array([salt], dtype=np.uint64)))
+        counters = base[:, None] + np.arange(units, dtype=np.uint64)[None, :]
+    # The top 53 bits as a float in [0, 1), times n: no modulo bias worth the name (n << 2**53).
+    u = (_splitmix64(counters) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    return np.minimum((u * n).astype(np.int64), n - 1)
+
+
+def _memory_offsets(acts: torch.Tensor, logical: np.ndarray) -> torch.Tensor:
+    """Offsets (relative to each image's first entry) of NCHW-order positions, through the tensor's strides."""
+    off = np.zeros_like(logical)
+    rem = logical.copy()
+    for size, stride in zip(reversed(acts.shape[1:]), reversed(acts.stride()[1:]), strict=True):
+        off += (rem % size) * stride
+        rem //= size
+    return torch.from_numpy(off)
+
+
+def _sample_sums_numpy(rows: torch.Tensor, sample: torch.Tensor, threshold: float) -> tuple[torch.Tensor, ...]:
+    """(L1, sum of squares, Gini numerator, near-zero count, finite) of each row of ``sample`` (float32, CPU),
+    the near-zero threshold relative to the peak of the whole row of ``rows``."""
+    # The peak over the whole layer (max and min: no |a| copy), so the near-zero threshold is exact; NumPy's
+    # reductions are several times faster than torch's over these (B, n) views.
+    r = rows.numpy() if rows.dtype != torch.bfloat16 else rows.float().numpy()
+    peak = np.maximum(r.max(axis=1), -r.min(axis=1)).astype(np.float64)
+    c = np.sort(np.abs(sample.numpy()), axis=1).astype(np.float64)
+    weights = _gini_weights(c.shape[1]).numpy()
+    sums = (c.sum(axis=1), np.einsum("ij,ij->i", c, c), c @ weights,
+            (c <= (threshold * peak)[:, None]).sum(axis=1).astype(np.float64),
+            np.isfinite(peak) & np.isfinite(c[:, -1]))
+    return tuple(torch.from_numpy(np.ascontiguousarray(x)) for x in sums)
+
+
+def _sample_sums_torch(rows: torch.Tensor, sample: torch.Tensor, threshold: float) -> tuple[torch.Tensor, ...]:
+    """:func:`_sample_sums_numpy` with torch on the tensors' device (CUDA)."""
+    peak = torch.maximum(rows.amax(dim=1), -rows.amin(dim=1)).to(torch.float64)
+    c = torch.sort(sample.abs(), dim=1).values.to(torch.float64)
+    weights = _gini_weights(c.shape[1], c.device)
+    near = (c <= (threshold * peak)[:, None]).sum(dim=1).to(torch.float64)
+    return c.sum(dim=1), (c * c).sum(dim=1), c @ weights, near, torch.isfinite(peak) & torch.isfinite(c[:, -1])
+
+
+def sampled_sparsity_metrics(acts: torch.Tensor, seeds: np.ndarray, salt: int, *,
+                             units: int = DEFAULT_SAMPLE_UNITS,
+                             threshold: float = DEFAULT_THRESHOLD) -> dict[str, torch.Tensor]:
+    """:func:`sparsity_metrics` estimated from ``units`` random entries per image (module docstring).
+
+    ``seeds`` (``(B,)`` uint64, :func:`image_seeds` of the batch's ids) and ``salt`` (the layer's position in the
+    model) fix which entries; a layer of at most ``units`` entries per image is computed exactly."""
+    threshold = _check_threshold(threshold)
+    if acts.dim() < 2 or not acts.is_floating_point():
+        return sparsity_metrics(acts, threshold=threshold)  # the exact path's own checks and messages
+    b, n = acts.shape[0], math.prod(acts.shape[1:])
+    if n <= units or b == 0:
+        return sparsity_metrics(acts, threshold=threshold)
+    if len(seeds) != b:
+        raise ValueError(f"{len(seeds)} seeds for a batch of {b} images")
+    out_device = torch.device("cpu") if acts.device.type == "mps" else acts.device
+    with torch.no_grad():
+        acts = acts.detach()
+        rows = _rows(acts, b, n)
+        logical = _positions(seeds, salt, units, n)
+        # In a memory-order view the NCHW positions go through the strides (the same entries in any layout);
+        # a copy made by reshape is in NCHW order already.
+        offsets = _memory_offsets(acts, logical) if _dense(acts, n) else torch.from_numpy(logical)
+        # Read in address order (the metrics ignore order): a gather in random order misses the cache on every
+        # entry and cost 40x as much here.
+        offsets = torch.from_numpy(np.sort(offsets.numpy(), axis=1))
+        sample = torch.gather(rows, 1, offsets.to(acts.device)).float()
+        if acts.device.type == "cuda":
+            sums = _sample_sums_torch(rows, sample, threshold)
+        else:  # the CPU, and MPS (no float64 there) through the CPU
+            sums = _sample_sums_numpy(rows.cpu(), sample.cpu(), threshold)
+        l1, sumsq, gini_num, near, finite = (x.to(out_device) for x in sums)
+        out = _combine(l1, sumsq, gini_num, near, finite, units)
+        # L1 grows like the count and L2 like its square root: the layer's ratio is the sample's times
+        # sqrt(n / units); Hoyer then uses the layer's own n.
+        ratio = out["l1_l2_ratio"] * math.sqrt(n / units)
+        zero = l1 == 0
+        root_n = math.sqrt(n)
+        hoyer = torch.where(zero, torch.ones_like(ratio), ((root_n - ratio) / (root_n - 1.0)).clamp(0.0, 1.0))
+        nan = torch.full_like(ratio, math.nan)
+        out["l1_l2_ratio"] = torch.where(finite, ratio, nan)
+        out["hoyer"] = torch.where(finite, hoyer, nan)
+        return out

@@ -44,7 +44,15 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 # The table's Arrow schema lives with the store's other on-disk contracts.
-from indexer.sparsity.metrics import DEFAULT_THRESHOLD, METRICS, _check_threshold, sparsity_metrics
+from indexer.sparsity.metrics import (
+    DEFAULT_SAMPLE_UNITS,
+    DEFAULT_THRESHOLD,
+    METRICS,
+    _check_threshold,
+    image_seeds,
+    sampled_sparsity_metrics,
+    sparsity_metrics,
+)
 from indexer.store.schema import SPARSITY_SCHEMA
 
 __all__ = ["SPARSITY_SCHEMA", "SparsityRecorder", "activation_layers"]
@@ -112,7 +120,8 @@ class SparsityRecorder:
     (``RuntimeError``).  Rows accumulate across batches until :meth:`clear`.
 
     ``layers`` overrides :func:`activation_layers` (e.g. a mapper's explicit list); names and module objects must
-    be unique within it.
+    be unique within it. ``method`` is ``"exact"`` (every entry) or ``"sampled"`` (``units`` random entries per
+    image and layer, seeded by the image's id: :func:`~indexer.sparsity.metrics.sampled_sparsity_metrics`).
     """
 
     def __init__(
@@ -122,7 +131,16 @@ class SparsityRecorder:
         *,
         threshold: float = DEFAULT_THRESHOLD,
         layers: list[tuple[str, nn.Module]] | None = None,
+        method: str = "exact",
+        units: int = DEFAULT_SAMPLE_UNITS,
     ) -> None:
+        if method not in ("exact", "sampled"):
+            raise ValueError(f"method must be 'exact' or 'sampled', not {method!r}")
+        if units < 2:
+            raise ValueError(f"units must be at least 2, got {units}")
+        self.method = method
+        self.units = int(units)
+        self._seeds: np.ndarray | None = None
         self.model = model
         self.model_name = str(model_name)
         self.threshold = _check_threshold(threshold)
@@ -197,7 +215,13 @@ class SparsityRecorder:
             k = self._calls[entry]
             self._calls[entry] = k + 1
             with torch.no_grad():
-                metrics = sparsity_metrics(acts, threshold=self.threshold)
+                if self.method == "sampled":
+                    assert self._seeds is not None
+                    # The salt is the call's place in the model (entry, call), fixed for the model's life.
+                    metrics = sampled_sparsity_metrics(acts, self._seeds, entry * 1024 + k, units=self.units,
+                                                       threshold=self.threshold)
+                else:
+                    metrics = sparsity_metrics(acts, threshold=self.threshold)
                 # One device->host copy per layer; no reference to acts outlives this hook.
                 values = torch.stack([metrics[m] for m in METRICS]).cpu().numpy()
             self._pending.append((entry, k, values))
@@ -220,6 +244,7 @@ class SparsityRecorder:
             raise TypeError("ids must be a sequence of ids, not one string")
         batch_ids = [str(i) for i in ids]
         self._ids = batch_ids
+        self._seeds = image_seeds(batch_ids) if self.method == "sampled" else None
         self._calls = [0] * len(self._layers)
         self._pending = []
         self._root_calls = 0
