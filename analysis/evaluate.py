@@ -105,7 +105,7 @@ def reconstruction_report(store: Store, vae: Any, images: torch.Tensor, ids: lis
     enc = encoder_for_store(store)
     recon = decode_latents(vae, encode_images(vae, images))
     batch = torch.stack([enc.preprocess(im) for im in to_pil(recon)])
-    vecs = embed(enc.model, batch, torch.device("cpu"))
+    vecs = embed(enc.model, batch, torch.device("cpu"), **enc.run_options)
     found = search_vectors(store, vecs, k=k, space=schema.ENCODER_SPACE, exclude_ids=ids)
     labels = store.images.set_index("id").loc[ids, ["species", "breed"]]
     out: dict[str, float] = {}

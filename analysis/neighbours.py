@@ -270,12 +270,12 @@ def project_image(img: Image.Image, space: str, encoder: Encoder, models: Traine
                   device: torch.device) -> np.ndarray:
     """A photo's (1, dim) vector in any space, computed the way `index` computes it."""
     if space == schema.ENCODER_SPACE:
-        return embed(encoder.model, encoder.preprocess(img).unsqueeze(0), device)
+        return embed(encoder.model, encoder.preprocess(img).unsqueeze(0), device, **encoder.run_options)
     model = SPACE_MODEL.get(space)
     if models is None or model not in models.available():
         raise StoreError(f"space {space!r}: its model is not trained in this store")
     if model == MAPPER:
-        enc_vec = embed(encoder.model, encoder.preprocess(img).unsqueeze(0), device)
+        enc_vec = embed(encoder.model, encoder.preprocess(img).unsqueeze(0), device, **encoder.run_options)
         return mapper_vectors(models, enc_vec)[space]
     from indexer.models.vae import vae_transform
 

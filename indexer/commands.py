@@ -50,6 +50,9 @@ def _conf_index(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE)
     p.add_argument("--workers", type=int, default=defaults.WORKERS, help="decode worker processes")
     p.add_argument("--device", default=defaults.DEVICE, help="auto (cuda if present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default=defaults.PRECISION,
+                   help="encoder arithmetic on CUDA: auto = fp16 autocast (cosine >= 0.999 to fp32); a CPU runs "
+                        "fp32 (default %(default)s)")
     p.add_argument("--sparsity", choices=("auto", *defaults.SPARSITY_METHODS), default=None,
                    help="per-layer activation sparsity: sampled (estimated from "
                         f"{defaults.SPARSITY_SAMPLE_UNITS} random units per image and layer; error bounds in "
@@ -79,7 +82,8 @@ def _run_index(a: argparse.Namespace) -> int:
     sparsity = "off" if a.no_sparsity else a.sparsity or "auto"
     dirs = a.data_dirs or stored_sources(a.store) or default_data_dirs()
     report = run_index(dirs, a.store, encoder=a.encoder, layout=a.layout, species=a.species, labels_csv=a.labels,
-                       batch_size=a.batch_size, workers=a.workers, device=a.device, progress=not a.quiet,
+                       batch_size=a.batch_size, workers=a.workers, device=a.device, precision=a.precision,
+                       progress=not a.quiet,
                        sparsity=sparsity, sparsity_threshold=a.sparsity_threshold, wait=a.wait,
                        index_kind=a.index_kind)
     if a.json:

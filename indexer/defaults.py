@@ -11,6 +11,8 @@ BATCH_SIZE = 32
 # One decode worker keeps the second core's work (JPEG decode, resize) overlapped with the forward pass.
 WORKERS = 1
 DEVICE = "auto"
+# Encoder arithmetic: "auto" = float16 autocast on CUDA (cosine >= 0.999 to float32), float32 on a CPU.
+PRECISION = "auto"
 K = 10
 
 # Bad-input guards.

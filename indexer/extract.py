@@ -55,6 +55,11 @@ class Batch:
     def ok(self) -> list[FileResult]:
         return [r for r in self.results if r.status == "ok"]
 
+    def pin_memory(self) -> Batch:
+        """Page-locked copies of the tensors (DataLoader's ``pin_memory`` calls this): a GPU run then copies
+        batches to the device without blocking (``non_blocking=True`` in :func:`embed`)."""
+        return Batch(self.results, {k: t.pin_memory() for k, t in self.tensors.items()})
+
 
 class PhotoDataset(Dataset[dict[str, Any]]):
     """Reads one file per item; never raises for a bad file (the reason travels back instead)."""
@@ -137,8 +142,10 @@ def iter_batches(
     known_ids: frozenset[str] = frozenset(),
     batch_size: int,
     workers: int,
+    pin_memory: bool = False,
 ) -> Iterator[Batch]:
-    """Decoded, preprocessed batches in input order; decoding overlaps the consumer when workers > 0."""
+    """Decoded, preprocessed batches in input order; decoding overlaps the consumer when workers > 0.
+    ``pin_memory`` for a CUDA consumer (page-locked batches copy to the GPU asynchronously)."""
     loader = DataLoader(
         PhotoDataset(paths, transforms, known_ids),
         batch_size=batch_size,
@@ -148,6 +155,7 @@ def iter_batches(
         # Two batches in flight per worker is enough to hide decode time behind a CPU forward pass.
         prefetch_factor=2 if workers > 0 else None,
         persistent_workers=False,
+        pin_memory=pin_memory,
         # Workers die with this process, even when it is SIGKILLed (which runs no cleanup).
         worker_init_fn=_worker_init_fn(None) if workers > 0 else None,
     )
@@ -174,7 +182,19 @@ def l2_normalise(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def embed(model: torch.nn.Module, batch: torch.Tensor, device: torch.device) -> np.ndarray:
-    """L2-normalised features of one preprocessed batch, as float32 numpy."""
-    out = model(batch.to(device, non_blocking=True))
+def embed(model: torch.nn.Module, batch: torch.Tensor, device: torch.device, *,
+          memory_format: torch.memory_format = torch.contiguous_format,
+          autocast: torch.dtype | None = None) -> np.ndarray:
+    """L2-normalised features of one preprocessed batch, as float32 numpy.
+
+    ``memory_format``: the encoder's layout (``Encoder.memory_format``; the batch is converted to it on the
+    device). ``autocast``: a half-precision dtype to run the model in on CUDA (``Encoder.autocast``)."""
+    x = batch.to(device, non_blocking=True)
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=memory_format)
+    if autocast is not None and x.device.type == "cuda":
+        with torch.autocast("cuda", dtype=autocast):
+            out = model(x)
+    else:
+        out = model(x)
     return l2_normalise(out).cpu().numpy().astype(np.float32, copy=False)

@@ -257,6 +257,7 @@ def run_index(
     batch_size: int = defaults.BATCH_SIZE,
     workers: int = defaults.WORKERS,
     device: str = defaults.DEVICE,
+    precision: str = defaults.PRECISION,
     progress: bool = True,
     commit_every_seconds: float = defaults.COMMIT_EVERY_SECONDS,
     sparsity: bool | str = True,
@@ -278,7 +279,7 @@ def run_index(
         _refuse_if_locked(store_path)  # before minutes of scanning and model loading, not after
     rows, matched = catalog(sources, layout=layout, species=species, labels_csv=labels_csv)
     dev = resolve_device(device)
-    enc = encoder if isinstance(encoder, Encoder) else load_encoder(encoder, device=str(dev))
+    enc = encoder if isinstance(encoder, Encoder) else load_encoder(encoder, device=str(dev), precision=precision)
     with Store.open_or_create(store_path, enc.describe(), wait=wait) as store:
         return _run_locked(store, rows, matched, enc, dev, sources=sources, layout=layout, species=species,
                            labels_csv=labels_csv, batch_size=batch_size, workers=workers, progress=progress,
@@ -336,6 +337,7 @@ def _run_locked(
         "batch_size": batch_size,
         "workers": workers,
         "device": str(dev),
+        "precision": str(enc.autocast).removeprefix("torch.") if enc.autocast is not None else "float32",
         "sparsity": method,
         "sparsity_threshold": sparsity_threshold,
         "index": index_kind or store.manifest.get("parameters", {}).get("index") or "auto",
@@ -376,13 +378,13 @@ def _recompute_encoder_space(store: Store, enc: Encoder, dev: torch.device, *, b
                dynamic_ncols=True)
     try:
         for batch in iter_batches([path_of[i] for i in ids], {"encoder": enc.preprocess}, batch_size=batch_size,
-                                  workers=workers):
+                                  workers=workers, pin_memory=dev.type == "cuda"):
             sel = [k for k, r in enumerate(batch.ok) if r.id == ids[r.index]]
             for r in batch.results:
                 if r.status != "ok" or r.id != ids[r.index]:
                     log.warning("could not re-read %s for the encoder space: %s", r.path, r.reason or "file changed")
             if sel:
-                parts.append(embed(enc.model, batch.tensors["encoder"][sel], dev))
+                parts.append(embed(enc.model, batch.tensors["encoder"][sel], dev, **enc.run_options))
                 have.extend(str(batch.ok[k].id) for k in sel)
             bar.update(len(batch.results))
     finally:
@@ -446,7 +448,7 @@ def _add_new_photos(
     last_commit = time.perf_counter()
     try:
         it = iter_batches([str(r.path) for r in rows], transforms, known_ids=known, batch_size=batch_size,
-                          workers=workers)
+                          workers=workers, pin_memory=dev.type == "cuda")
         while True:
             t0 = time.perf_counter()
             batch: Batch | None = next(it, None)
@@ -506,7 +508,7 @@ def _forward_new(
     ids = [r.id for r in oks if r.id is not None]
     t = time.perf_counter()
     with recorders.record(ENCODER, ids):
-        enc_vecs = embed(enc.model, batch.tensors["encoder"], dev)
+        enc_vecs = embed(enc.model, batch.tensors["encoder"], dev, **enc.run_options)
     times.add_forward(ENCODER, time.perf_counter() - t)
     out = {schema.ENCODER_SPACE: enc_vecs}
     if any(sp in plan.live_spaces for sp in MODEL_SPACES[MAPPER]):
@@ -572,7 +574,8 @@ def _backfill(
     bar = tqdm(total=len(todo), unit="img", desc="backfill", file=sys.stderr, disable=not progress,
                dynamic_ncols=True)
     try:
-        for batch in iter_batches([path_of[i] for i in todo], transforms, batch_size=batch_size, workers=workers):
+        for batch in iter_batches([path_of[i] for i in todo], transforms, batch_size=batch_size, workers=workers,
+                                  pin_memory=dev.type == "cuda"):
             good = [r for r in batch.ok if r.id == todo[r.index]]
             for r in batch.results:
                 if r.status != "ok" or r.id != todo[r.index]:
@@ -584,7 +587,7 @@ def _backfill(
                 if enc_ids:
                     t = time.perf_counter()
                     with recorders.record(ENCODER, [str(i) for i in enc_ids]):
-                        embed(enc.model, batch.tensors["encoder"][pick], dev)
+                        embed(enc.model, batch.tensors["encoder"][pick], dev, **enc.run_options)
                     times.add_forward(ENCODER, time.perf_counter() - t)
             if good and VAE in batch.tensors:
                 vae_ids = [str(r.id) for r in good if r.id in need_vae]

@@ -473,3 +473,61 @@ def test_family_modules_do_not_import_the_registry() -> None:
                 ours.update(alias.name for alias in node.names)
         ours = {m for m in ours if m.startswith((".", "indexer.encoders"))}
         assert ours <= {"indexer.encoders.common"}, (module, ours)
+
+
+def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=1)
+
+
+def _layouts_agree(encoder: Encoder, photos: list[Path]) -> torch.Tensor:
+    """Per photo, cosine between the encoder's own layout and plain NCHW float32 (a contiguous copy)."""
+    from indexer.extract import embed
+
+    batch = torch.stack([encoder.preprocess(Image.open(p).convert("RGB")) for p in photos])
+    cpu = torch.device("cpu")
+    ours = embed(encoder.model, batch, cpu, **encoder.run_options)
+    nchw = copy.deepcopy(encoder.model).to(memory_format=torch.contiguous_format)
+    plain = embed(nchw, batch, cpu)
+    return _cosines(torch.from_numpy(ours), torch.from_numpy(plain))
+
+
+def test_channels_last_for_cnns_only_and_embeddings_unchanged(tmp_path: Path, effnet: Encoder) -> None:
+    import timm
+
+    photos = _photos("cat/persian", 4) + _photos("dog/pug", 4)
+    # The real encoder runs channels-last (2-3x faster on CPUs) and gives the NCHW embeddings.
+    assert effnet.memory_format == torch.channels_last
+    assert effnet.run_options == {"memory_format": torch.channels_last, "autocast": None}
+    assert _layouts_agree(effnet, photos).min() >= 0.9999
+    # A timm CNN too; a ViT (timm or open_clip) stays in the default layout.
+    torch.manual_seed(0)
+    path = tmp_path / "cnn.pth"
+    torch.save(timm.create_model("test_efficientnet").state_dict(), path)
+    cnn = load_encoder(f"timm:test_efficientnet/{path}")
+    assert cnn.memory_format == torch.channels_last and _layouts_agree(cnn, photos).min() >= 0.9999
+    vit = load_encoder(make_tiny_open_clip_checkpoint(tmp_path))
+    assert vit.memory_format == torch.contiguous_format
+    assert _layouts_agree(vit, photos).min() >= 0.9999
+
+
+def test_unknown_precision_is_an_encoder_error() -> None:
+    with pytest.raises(EncoderError, match="precision"):
+        load_encoder("efficientnet-lite0", precision="fp8")
+    assert load_encoder("efficientnet-lite0", device="cpu", precision="fp16").autocast is None  # CUDA only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_autocast_embeddings_within_cosine_0999_of_float32(tmp_path: Path) -> None:
+    from indexer.extract import embed
+
+    photos = sorted(PETS.glob("*/*/*.jpg"))[::20]
+    for name in ("efficientnet-lite0", make_tiny_open_clip_checkpoint(tmp_path)):
+        half = load_encoder(name, device="cuda")
+        assert half.autocast == torch.float16
+        batch = torch.stack([half.preprocess(Image.open(p).convert("RGB")) for p in photos])
+        got = embed(half.model, batch, torch.device("cuda"), **half.run_options)
+        full = embed(half.model, batch, torch.device("cuda"), memory_format=half.memory_format)
+        cpu = load_encoder(name, device="cpu")
+        ref = embed(cpu.model, batch, torch.device("cpu"), **cpu.run_options)
+        assert _cosines(torch.from_numpy(got), torch.from_numpy(full)).min() >= 0.999, name
+        assert _cosines(torch.from_numpy(full), torch.from_numpy(ref)).min() >= 0.9999, name

@@ -8,6 +8,9 @@ should answer at once. No family module imports this one.
 
 from __future__ import annotations
 
+import torch
+
+from indexer import defaults
 from indexer.encoders.common import Encoder, EncoderError, resolve_device
 
 __all__ = [
@@ -78,8 +81,12 @@ def has_text_tower(name: str) -> bool:
         return False
 
 
-def load_encoder(name: str, device: str = "cpu") -> Encoder:
+def load_encoder(name: str, device: str = "cpu", precision: str = defaults.PRECISION) -> Encoder:
     """Resolve ``name`` to a frozen encoder on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"``...).
+
+    ``precision``: ``"auto"`` runs a CUDA model under float16 autocast (embeddings within cosine 0.999 of
+    float32: tests/test_encoders.py checks it where a GPU is present) and a CPU one in float32; ``"fp32"``,
+    ``"fp16"`` and ``"bf16"`` choose (half precision only applies on CUDA).
 
     Raises :class:`EncoderError` with a one-line message for every user-fixable problem: a bad name, a missing or
     mismatched checkpoint, an unknown model, a download that failed because there is no network.
@@ -87,14 +94,23 @@ def load_encoder(name: str, device: str = "cpu") -> Encoder:
     family, model, weights = parse_encoder_name(name)
     canonical = name.strip()
     dev = resolve_device(device, canonical)
+    if precision not in PRECISIONS:
+        raise EncoderError(f"{canonical}: unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
     if family == "efficientnet":
         from indexer.encoders.efficientnet import load_efficientnet_lite0
 
-        return load_efficientnet_lite0(device=dev, name=canonical)
-    if family == "open_clip":
+        enc = load_efficientnet_lite0(device=dev, name=canonical)
+    elif family == "open_clip":
         from indexer.encoders.openclip import load_open_clip
 
-        return load_open_clip(canonical, model, weights, dev)
-    from indexer.encoders.timm_models import load_timm
+        enc = load_open_clip(canonical, model, weights, dev)
+    else:
+        from indexer.encoders.timm_models import load_timm
 
-    return load_timm(canonical, model, weights, dev)
+        enc = load_timm(canonical, model, weights, dev)
+    if dev.type == "cuda":
+        enc.autocast = {"auto": torch.float16, "fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    return enc
+
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
