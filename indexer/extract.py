@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from indexer.images import ImageError, content_id, decode_image, read_bytes
+from indexer.images import ImageError, content_id, decode_image_for, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,12 @@ class Batch:
 class PhotoDataset(Dataset[dict[str, Any]]):
     """Reads one file per item; never raises for a bad file (the reason travels back instead)."""
 
-    def __init__(self, paths: Sequence[str], transforms: Mapping[str, Transform], known_ids: frozenset[str]):
+    def __init__(self, paths: Sequence[str], transforms: Mapping[str, Transform], known_ids: frozenset[str],
+                 side: int = 0):
         self.paths = list(paths)
         self.transforms = dict(transforms)
         self.known_ids = known_ids
+        self.side = side  # the largest shorter side any transform resizes to (0: decode at full size)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -80,9 +82,9 @@ class PhotoDataset(Dataset[dict[str, Any]]):
             if cid in self.known_ids:
                 # Skip decoding entirely: re-runs over big, mostly-indexed folders cost one read + hash per file.
                 return {"result": FileResult(i, path, "known", cid)}
-            img = decode_image(data, path)
+            img, (width, height) = decode_image_for(data, path, side=self.side)
             tensors = {name: t(img) for name, t in self.transforms.items()}
-            return {"result": FileResult(i, path, "ok", cid, img.width, img.height), "tensors": tensors}
+            return {"result": FileResult(i, path, "ok", cid, width, height), "tensors": tensors}
         except ImageError as e:
             return {"result": FileResult(i, path, "error", reason=e.reason)}
         except Exception as e:
@@ -143,11 +145,14 @@ def iter_batches(
     batch_size: int,
     workers: int,
     pin_memory: bool = False,
+    side: int = 0,
 ) -> Iterator[Batch]:
     """Decoded, preprocessed batches in input order; decoding overlaps the consumer when workers > 0.
-    ``pin_memory`` for a CUDA consumer (page-locked batches copy to the GPU asynchronously)."""
+    ``pin_memory`` for a CUDA consumer (page-locked batches copy to the GPU asynchronously); ``side``: the
+    largest shorter side the transforms resize to, so that big JPEGs decode at a reduced scale
+    (:func:`indexer.images.decode_image_for`; 0: full size)."""
     loader = DataLoader(
-        PhotoDataset(paths, transforms, known_ids),
+        PhotoDataset(paths, transforms, known_ids, side),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

@@ -287,6 +287,18 @@ def run_index(
                            sparsity_threshold=sparsity_threshold, index_kind=index_kind, t_start=t_start)
 
 
+def _decode_side(enc: Encoder, models: TrainedModels, transforms: dict[str, Any]) -> int:
+    """The largest shorter side the run's transforms resize to (reduced-scale JPEG decoding stays above it)."""
+    sides = []
+    if "encoder" in transforms:
+        if not enc.input_side:
+            return 0  # a preprocessing we cannot read: decode at full size
+        sides.append(enc.input_side)
+    if VAE in transforms:
+        sides.append(models.vae_image_size)
+    return max(sides, default=0)
+
+
 def _refuse_if_locked(store_path: Path) -> None:
     """A StoreError naming the writer when another process holds the lock (only a probe: released at once)."""
     if (store_path / schema.MANIFEST).exists():
@@ -378,7 +390,7 @@ def _recompute_encoder_space(store: Store, enc: Encoder, dev: torch.device, *, b
                dynamic_ncols=True)
     try:
         for batch in iter_batches([path_of[i] for i in ids], {"encoder": enc.preprocess}, batch_size=batch_size,
-                                  workers=workers, pin_memory=dev.type == "cuda"):
+                                  workers=workers, pin_memory=dev.type == "cuda", side=enc.input_side):
             sel = [k for k, r in enumerate(batch.ok) if r.id == ids[r.index]]
             for r in batch.results:
                 if r.status != "ok" or r.id != ids[r.index]:
@@ -448,7 +460,7 @@ def _add_new_photos(
     last_commit = time.perf_counter()
     try:
         it = iter_batches([str(r.path) for r in rows], transforms, known_ids=known, batch_size=batch_size,
-                          workers=workers, pin_memory=dev.type == "cuda")
+                          workers=workers, pin_memory=dev.type == "cuda", side=_decode_side(enc, models, transforms))
         while True:
             t0 = time.perf_counter()
             batch: Batch | None = next(it, None)
@@ -575,7 +587,7 @@ def _backfill(
                dynamic_ncols=True)
     try:
         for batch in iter_batches([path_of[i] for i in todo], transforms, batch_size=batch_size, workers=workers,
-                                  pin_memory=dev.type == "cuda"):
+                                  pin_memory=dev.type == "cuda", side=_decode_side(enc, models, transforms)):
             good = [r for r in batch.ok if r.id == todo[r.index]]
             for r in batch.results:
                 if r.status != "ok" or r.id != todo[r.index]:

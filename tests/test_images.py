@@ -421,3 +421,51 @@ def test_decoded_image_is_detached_and_picklable(tmp_path: Path) -> None:
     p.unlink()  # the image must not need its file any more
     back = pickle.loads(pickle.dumps((cid, img)))
     assert back[0] == cid and back[1].tobytes() == img.tobytes() and back[1].mode == "RGB"
+
+
+def _big_jpeg(photo: Path, factor: int, exif: Image.Exif | None = None) -> bytes:
+    img = Image.open(photo).convert("RGB")
+    img = img.resize((img.width * factor, img.height * factor), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=92, exif=exif or Image.Exif())
+    return buf.getvalue()
+
+
+def test_big_jpegs_decode_at_reduced_scale_with_their_own_size_and_the_same_embedding() -> None:
+    import torch
+
+    from indexer.encoders import load_encoder
+    from indexer.extract import embed
+    from indexer.images import decode_image_for
+
+    enc = load_encoder("efficientnet-lite0")
+    assert enc.input_side == 256
+    photos = sample_photos(6, step=190)
+    full_imgs, small_imgs = [], []
+    for photo in photos:
+        data = _big_jpeg(photo, 8)
+        full, size = decode_image_for(data, "big.jpg")
+        small, small_size = decode_image_for(data, "big.jpg", side=256)
+        assert size == small_size == full.size  # the photo's own size, whatever the decoded scale
+        assert min(small.size) >= 512 and small.width <= full.width // 2  # reduced, never below 2x the side
+        full_imgs.append(full)
+        small_imgs.append(small)
+    x = torch.stack([enc.preprocess(im) for im in full_imgs + small_imgs])
+    v = embed(enc.model, x, torch.device("cpu"), **enc.run_options)
+    cos = (v[:6] * v[6:]).sum(axis=1)
+    assert cos.min() >= 0.999
+    # Small photos (every shared set) and non-JPEGs decode at full size.
+    data = PETS.joinpath(*photos[0].parts[-3:]).read_bytes()
+    assert decode_image_for(data, "x.jpg", side=256)[0].size == decode_image(data, "x.jpg").size
+
+
+def test_reduced_scale_decoding_reports_the_upright_size_of_a_turned_photo() -> None:
+    from indexer.images import decode_image_for
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees: portrait
+    data = _big_jpeg(sample_photos(1)[0], 8, exif)
+    stored = Image.open(io.BytesIO(data)).size
+    img, size = decode_image_for(data, "turned.jpg", side=64)
+    assert size == (stored[1], stored[0])  # upright: the sides of the photo as shown
+    assert img.size == (size[0] // 8, size[1] // 8)  # decoded at 1/8, turned the same way

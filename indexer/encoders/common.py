@@ -46,6 +46,13 @@ class Encoder:
     autocast: torch.dtype | None = None
 
     @property
+    def input_side(self) -> int:
+        """The shorter side the preprocessing resizes a photo to (0: unknown), for reduced-scale JPEG decoding."""
+        size = self.preprocessing.get("size")
+        sides = size if isinstance(size, list) else [size]
+        return max((int(v) for v in sides if isinstance(v, int | float)), default=0)
+
+    @property
     def run_options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`indexer.extract.embed` for this encoder (layout, autocast)."""
         return {"memory_format": self.memory_format, "autocast": self.autocast}
