@@ -1,8 +1,9 @@
 """Index the shared photos and, in the same run, time the best bare encoder forward pass over the same images.
 
 The baseline is the *fastest* forward pass the hardware offers for the encoder: the model alone on pre-decoded
-tensors, in NCHW and in channels-last layout (the faster of the two is the baseline), in inference mode, same
-batch size, same threads. Against it, whole `mammals index` runs (read, hash, decode, preprocess, forward, write
+tensors, in NCHW and in channels-last layout, each with glibc's default allocator and with the allocator setting
+that `mammals index` makes (indexer/runtime.py), in inference mode, same batch size, same threads; the fastest
+of the four is the baseline. Against it, whole `mammals index` runs (read, hash, decode, preprocess, forward, write
 the store), each into a fresh store:
 
 - with ``--no-sparsity`` (target >= 0.8x the best bare rate),
@@ -29,6 +30,7 @@ from indexer import defaults
 from indexer.encoders import Encoder, load_encoder, resolve_device
 from indexer.extract import embed, iter_batches
 from indexer.pipeline import catalog, run_index
+from indexer.runtime import keep_freed_memory
 
 TARGETS = {"off": 0.8, "sampled": 0.6}
 
@@ -73,15 +75,21 @@ def main() -> int:
     print(f"{len(paths)} photos from {a.data}; device {device}; {torch.get_num_threads()} torch threads",
           file=sys.stderr)
     enc = load_encoder(a.encoder, device=str(device))
+    for p in paths:  # warm the page cache so that no measurement pays for reading the disk
+        Path(p).read_bytes()
 
-    # Warm the encoder and the page cache once so no measurement pays for another's cold start.
-    with tempfile.TemporaryDirectory() as tmp:
-        run_index([a.data], Path(tmp) / "warm", encoder=enc, progress=False, batch_size=a.batch_size,
-                  workers=a.workers, sparsity=False)
-
-    rates = bare_forward_rates(enc, paths, a.batch_size, device, a.repeats)
+    # The bare forward pass in both layouts, first with glibc's default allocator, then with the setting
+    # `mammals index` makes for itself (indexer/runtime.py); the fastest of the four is the baseline.
+    rates = {f"{layout}_default_malloc": r for layout, r in
+             bare_forward_rates(enc, paths, a.batch_size, device, a.repeats).items()}
+    tuned = keep_freed_memory()
+    rates.update({f"{layout}_keep_freed_memory": r for layout, r in
+                  bare_forward_rates(enc, paths, a.batch_size, device, a.repeats).items()})
     best_layout = max(rates, key=lambda k: rates[k])
     best = rates[best_layout]
+    with tempfile.TemporaryDirectory() as tmp:  # warm-up of the whole pipeline (and its imports)
+        run_index([a.data], Path(tmp) / "warm", encoder=enc, progress=False, batch_size=a.batch_size,
+                  workers=a.workers, sparsity=False)
     runs: dict[str, dict[str, Any]] = {}
     for method in ("off", "sampled", *(["exact"] if a.exact else [])):
         with tempfile.TemporaryDirectory() as tmp:
@@ -95,14 +103,15 @@ def main() -> int:
     print(f"device               : {device}")
     for layout, rate in rates.items():
         mark = "  <- best (baseline)" if layout == best_layout else ""
-        print(f"bare forward {layout:<14}: {rate:6.1f} img/s{mark}")
+        print(f"bare forward {layout:<32}: {rate:6.1f} img/s{mark}")
     for method, r in runs.items():
         target = f"  (target >= {r['target_ratio']})" if r["target_ratio"] else ""
-        print(f"index, sparsity {method:<8}: {r['images_per_second']:6.1f} img/s  "
+        print(f"index, sparsity {method:<29}: {r['images_per_second']:6.1f} img/s  "
               f"{r['ratio_to_best_forward']:.3f}x best forward{target}")
     out = write_results("index", {
         "data": shown(a.data), "images": len(paths), "batch_size": a.batch_size, "workers": a.workers,
         "encoder": a.encoder, "device": str(device), "encoder_layout": str(enc.memory_format),
+        "allocator_tuned": tuned,
         "bare_forward_images_per_second": {k: round(v, 2) for k, v in rates.items()},
         "best_bare_forward": best_layout, "index": runs,
     })

@@ -45,6 +45,7 @@ from indexer.latents import (
     sparsity_method,
     vae_vectors,
 )
+from indexer.runtime import keep_freed_memory
 from indexer.sources import CatalogRow, is_utf8_path, join_labels, printable_path, scan
 from indexer.sparsity import DEFAULT_THRESHOLD, SparsityRecorder
 from indexer.store import Store, StoreError, schema, utcnow
@@ -275,6 +276,7 @@ def run_index(
     ``"off"`` (or False); see :func:`resolve_sparsity`.
     """
     t_start = time.perf_counter()
+    keep_freed_memory()  # 2-3x faster CPU forward passes (indexer/runtime.py says why)
     if not wait:
         _refuse_if_locked(store_path)  # before minutes of scanning and model loading, not after
     rows, matched = catalog(sources, layout=layout, species=species, labels_csv=labels_csv)
