@@ -528,18 +528,41 @@ def test_sampled_metrics_of_an_image_do_not_depend_on_batch_or_memory_layout() -
 
 
 def test_sampled_metrics_small_layers_exact_and_non_finite_images_nan() -> None:
-    from indexer.sparsity.metrics import image_seeds, sampled_sparsity_metrics
+    from indexer.sparsity.metrics import BatchSample, sampled_sparsity_metrics
 
     acts = torch.relu(torch.randn(3, 8, 4, 4, generator=torch.Generator().manual_seed(0)))
-    seeds = image_seeds(["a", "b", "c"])
-    small = sampled_sparsity_metrics(acts, seeds, 0, units=128)  # 128 entries per image: all of them
+    small = sampled_sparsity_metrics(acts, BatchSample(["a", "b", "c"], 128))  # 128 entries per image: all
     assert_metrics(small, [ref_metrics(acts[i].flatten().tolist()) for i in range(3)])
     big = torch.relu(torch.randn(3, 64, 32, 32, generator=torch.Generator().manual_seed(1)))
     big[1, 5, 3, 3] = math.nan
-    got = sampled_sparsity_metrics(big, seeds, 0, units=512)
-    assert all(math.isnan(got[m][1].item()) for m in METRICS)
-    assert all(math.isfinite(got[m][i].item()) for m in METRICS for i in (0, 2))
-    with pytest.raises(ValueError, match="seeds"):
-        sampled_sparsity_metrics(big, seeds[:2], 0, units=512)
+    for nonnegative in (False, True):
+        got = sampled_sparsity_metrics(big, BatchSample(["a", "b", "c"], 512), nonnegative=nonnegative)
+        assert all(math.isnan(got[m][1].item()) for m in METRICS)
+        assert all(math.isfinite(got[m][i].item()) for m in METRICS for i in (0, 2))
+    with pytest.raises(ValueError, match="sample of 2 images"):
+        sampled_sparsity_metrics(big, BatchSample(["a", "b"], 512))
     with pytest.raises(ValueError, match="method"):
         SparsityRecorder(nn.ReLU(), "m", method="approximate")
+
+
+def test_sampled_peak_of_a_signed_layer_is_its_largest_magnitude() -> None:
+    from indexer.sparsity.metrics import BatchSample, sampled_sparsity_metrics
+
+    # One entry of -10 among small values: relative to that peak every other entry is near zero.
+    acts = torch.full((2, 64, 16, 16), 0.05)
+    acts[:, 0, 0, 0] = -10.0
+    got = sampled_sparsity_metrics(acts, BatchSample(["a", "b"], 256), threshold=0.01)
+    assert got["near_zero_fraction"].tolist() == [1.0, 1.0]  # the sample (almost surely) misses the -10
+
+
+def test_relu6_ceiling_skips_the_full_read_without_changing_a_number() -> None:
+    from indexer.sparsity.metrics import BatchSample, sampled_sparsity_metrics
+
+    g = torch.Generator().manual_seed(2)
+    acts = torch.nn.functional.relu6(3 * torch.randn(4, 32, 24, 24, generator=g))
+    acts[1] = acts[1].clamp(max=2.0)  # an image whose peak is below the ceiling: read in full
+    sample = BatchSample(["a", "b", "c", "d"], 1024)
+    plain = sampled_sparsity_metrics(acts, sample)
+    fast = sampled_sparsity_metrics(acts, sample, nonnegative=True, ceiling=6.0)
+    for m in METRICS:
+        assert torch.equal(plain[m], fast[m]), m

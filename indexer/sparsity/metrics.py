@@ -52,11 +52,13 @@ Sampled metrics (the indexing default)
 :data:`DEFAULT_SAMPLE_UNITS`) entries of each image's layer drawn uniformly at random with replacement, so that
 the cost no longer grows with the layer (EfficientNet-Lite0's 33 layers hold 3.4 M activations per 224 px image:
 the exact sort costs about twice the forward pass itself).  The draw is seeded by the image's id and the layer's
-position, so an image gets the same numbers in every run, batch and memory layout, and it differs from image to
-image, so the errors average out over a group of images instead of biasing a layer.
+size (:class:`BatchSample`), so an image gets the same numbers in every run, batch and memory layout, and it
+differs from image to image, so the errors average out over a group of images instead of biasing a layer.
 
-- the peak ``s = max |a|`` is exact (a full-layer max: cheap, no sort), so ``near_zero_fraction`` is an unbiased
-  estimate of the exact fraction;
+- the peak ``s = max |a|`` is exact (a full-layer max, and min unless the layer is a ReLU: no sort; in a ReLU6
+  layer an image whose sample reaches 6 has its peak without it), so ``near_zero_fraction`` is an unbiased
+  estimate of the exact fraction (one consequence: a NaN that the sample misses in such a layer goes unseen;
+  a decoded photo gives none);
 - ``near_zero_fraction`` and ``gini`` are those of the sample;
 - ``l1_l2_ratio`` is the sample's ratio times ``sqrt(n / units)`` (L1 scales with the count, L2 with its root),
   and ``hoyer`` is computed from that estimate with the layer's true ``n``.
@@ -78,14 +80,15 @@ import hashlib
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import torch
 
 from indexer import defaults
 
-__all__ = ["DEFAULT_SAMPLE_UNITS", "DEFAULT_THRESHOLD", "METRICS", "image_seeds", "sampled_sparsity_metrics",
-           "sparsity_metrics"]
+__all__ = ["DEFAULT_SAMPLE_UNITS", "DEFAULT_THRESHOLD", "METRICS", "BatchSample", "image_seeds",
+           "sampled_sparsity_metrics", "sparsity_metrics"]
 
 METRICS: tuple[str, ...] = ("near_zero_fraction", "hoyer", "gini", "l1_l2_ratio")
 
@@ -275,7 +278,7 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 def _positions(seeds: np.ndarray, salt: int, units: int, n: int) -> np.ndarray:
     """``(B, units)`` logical positions in ``[0, n)`` (NCHW order), uniform with replacement, from each image's
-    seed and the layer's ``salt``: counter-based, so no generator is created per image."""
+    seed and a ``salt``: counter-based, so no generator is created per image."""
     with np.errstate(over="ignore"):
         base = _splitmix64(seeds.astype(np.uint64) ^ _splitmix64(np.array([salt], dtype=np.uint64)))
         counters = base[:, None] + np.arange(units, dtype=np.uint64)[None, :]
@@ -294,14 +297,53 @@ def _memory_offsets(acts: torch.Tensor, logical: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(off)
 
 
-def _sample_sums_numpy(rows: torch.Tensor, sample: torch.Tensor, threshold: float) -> tuple[torch.Tensor, ...]:
+class BatchSample:
+    """Which entries of each image's layers one batch reads: ``units`` positions per image and layer shape, drawn
+    from the image's id (:func:`image_seeds`) and the layer's size, so an image is read at the same entries in
+    every run and batch. Layers of the same shape share their positions within an image (their estimates are
+    each unbiased; sharing only correlates the errors of same-shaped layers), which lets the batch compute them,
+    and sort them into address order, once per shape."""
+
+    def __init__(self, ids: list[str], units: int = DEFAULT_SAMPLE_UNITS) -> None:
+        self.seeds = image_seeds(ids)
+        self.units = int(units)
+        self._offsets: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def offsets(self, acts: torch.Tensor, n: int) -> torch.Tensor:
+        """``(B, units)`` offsets into the rows of :func:`_rows` (sorted per image), on ``acts``' device."""
+        dense = _dense(acts, n)
+        key = (tuple(acts.shape[1:]), tuple(acts.stride()[1:]) if dense else None, acts.device)
+        got = self._offsets.get(key)
+        if got is None:
+            logical = _positions(self.seeds, n, self.units, n)
+            # In a memory-order view the NCHW positions go through the strides (the same entries in any
+            # layout); a copy made by reshape is in NCHW order already.
+            off = _memory_offsets(acts, logical).numpy() if dense else logical
+            # Address order (the metrics ignore order): a gather in random order misses the cache on every
+            # entry and cost 40x as much here.
+            got = self._offsets[key] = torch.from_numpy(np.sort(off, axis=1)).to(acts.device)
+        return got
+
+
+def _sample_sums_numpy(rows: torch.Tensor, sample: torch.Tensor, threshold: float, nonnegative: bool,
+                       ceiling: float | None) -> tuple[torch.Tensor, ...]:
     """(L1, sum of squares, Gini numerator, near-zero count, finite) of each row of ``sample`` (float32, CPU),
     the near-zero threshold relative to the peak of the whole row of ``rows``."""
-    # The peak over the whole layer (max and min: no |a| copy), so the near-zero threshold is exact; NumPy's
-    # reductions are several times faster than torch's over these (B, n) views.
+    c = np.sort(np.abs(sample.numpy()), axis=1)
+    # The peak over the whole layer, so the near-zero threshold is exact. Reading the whole layer is most of the
+    # cost of sampling, and often needless: a ReLU6 image whose sample already reaches 6 has its peak (6 is as
+    # high as it goes). Other images: max (and min unless the layer is a ReLU), with NumPy, several times faster
+    # than torch over these (B, n) views, and no |a| copy.
     r = rows.numpy() if rows.dtype != torch.bfloat16 else rows.float().numpy()
-    peak = np.maximum(r.max(axis=1), -r.min(axis=1)).astype(np.float64)
-    c = np.sort(np.abs(sample.numpy()), axis=1).astype(np.float64)
+    peak = c[:, -1].astype(np.float64)
+    full = np.ones(len(c), dtype=bool) if ceiling is None or not nonnegative else ~(peak >= ceiling)
+    for i in np.flatnonzero(full):
+        top = float(r[i].max())
+        peak[i] = top if nonnegative else max(top, -float(r[i].min()))
+    c = c.astype(np.float64)
     weights = _gini_weights(c.shape[1]).numpy()
     sums = (c.sum(axis=1), np.einsum("ij,ij->i", c, c), c @ weights,
             (c <= (threshold * peak)[:, None]).sum(axis=1).astype(np.float64),
@@ -309,46 +351,43 @@ def _sample_sums_numpy(rows: torch.Tensor, sample: torch.Tensor, threshold: floa
     return tuple(torch.from_numpy(np.ascontiguousarray(x)) for x in sums)
 
 
-def _sample_sums_torch(rows: torch.Tensor, sample: torch.Tensor, threshold: float) -> tuple[torch.Tensor, ...]:
+def _sample_sums_torch(rows: torch.Tensor, sample: torch.Tensor, threshold: float, nonnegative: bool,
+                       ceiling: float | None) -> tuple[torch.Tensor, ...]:
     """:func:`_sample_sums_numpy` with torch on the tensors' device (CUDA)."""
-    peak = torch.maximum(rows.amax(dim=1), -rows.amin(dim=1)).to(torch.float64)
+    top = rows.amax(dim=1)
+    peak = (top if nonnegative else torch.maximum(top, -rows.amin(dim=1))).to(torch.float64)
     c = torch.sort(sample.abs(), dim=1).values.to(torch.float64)
     weights = _gini_weights(c.shape[1], c.device)
     near = (c <= (threshold * peak)[:, None]).sum(dim=1).to(torch.float64)
     return c.sum(dim=1), (c * c).sum(dim=1), c @ weights, near, torch.isfinite(peak) & torch.isfinite(c[:, -1])
 
 
-def sampled_sparsity_metrics(acts: torch.Tensor, seeds: np.ndarray, salt: int, *,
-                             units: int = DEFAULT_SAMPLE_UNITS,
-                             threshold: float = DEFAULT_THRESHOLD) -> dict[str, torch.Tensor]:
-    """:func:`sparsity_metrics` estimated from ``units`` random entries per image (module docstring).
+def sampled_sparsity_metrics(acts: torch.Tensor, sample: BatchSample, *, threshold: float = DEFAULT_THRESHOLD,
+                             nonnegative: bool = False, ceiling: float | None = None) -> dict[str, torch.Tensor]:
+    """:func:`sparsity_metrics` estimated from ``sample.units`` random entries per image (module docstring).
 
-    ``seeds`` (``(B,)`` uint64, :func:`image_seeds` of the batch's ids) and ``salt`` (the layer's position in the
-    model) fix which entries; a layer of at most ``units`` entries per image is computed exactly."""
+    ``sample`` (a :class:`BatchSample` of the batch's ids) fixes which entries; a layer of at most that many
+    entries per image is computed exactly. ``nonnegative``: the layer cannot output a negative number (a ReLU),
+    so its peak is its max and the min is not computed; ``ceiling``: nor one above this (6 for a ReLU6), so an
+    image whose sample reaches it has its peak without reading the whole layer."""
     threshold = _check_threshold(threshold)
     if acts.dim() < 2 or not acts.is_floating_point():
         return sparsity_metrics(acts, threshold=threshold)  # the exact path's own checks and messages
     b, n = acts.shape[0], math.prod(acts.shape[1:])
+    units = sample.units
     if n <= units or b == 0:
         return sparsity_metrics(acts, threshold=threshold)
-    if len(seeds) != b:
-        raise ValueError(f"{len(seeds)} seeds for a batch of {b} images")
+    if len(sample) != b:
+        raise ValueError(f"a sample of {len(sample)} images for a batch of {b} images")
     out_device = torch.device("cpu") if acts.device.type == "mps" else acts.device
     with torch.no_grad():
         acts = acts.detach()
         rows = _rows(acts, b, n)
-        logical = _positions(seeds, salt, units, n)
-        # In a memory-order view the NCHW positions go through the strides (the same entries in any layout);
-        # a copy made by reshape is in NCHW order already.
-        offsets = _memory_offsets(acts, logical) if _dense(acts, n) else torch.from_numpy(logical)
-        # Read in address order (the metrics ignore order): a gather in random order misses the cache on every
-        # entry and cost 40x as much here.
-        offsets = torch.from_numpy(np.sort(offsets.numpy(), axis=1))
-        sample = torch.gather(rows, 1, offsets.to(acts.device)).float()
+        picked = torch.gather(rows, 1, sample.offsets(acts, n)).float()
         if acts.device.type == "cuda":
-            sums = _sample_sums_torch(rows, sample, threshold)
+            sums = _sample_sums_torch(rows, picked, threshold, nonnegative, ceiling)
         else:  # the CPU, and MPS (no float64 there) through the CPU
-            sums = _sample_sums_numpy(rows.cpu(), sample.cpu(), threshold)
+            sums = _sample_sums_numpy(rows.cpu(), picked.cpu(), threshold, nonnegative, ceiling)
         l1, sumsq, gini_num, near, finite = (x.to(out_device) for x in sums)
         out = _combine(l1, sumsq, gini_num, near, finite, units)
         # L1 grows like the count and L2 like its square root: the layer's ratio is the sample's times

@@ -48,8 +48,8 @@ from indexer.sparsity.metrics import (
     DEFAULT_SAMPLE_UNITS,
     DEFAULT_THRESHOLD,
     METRICS,
+    BatchSample,
     _check_threshold,
-    image_seeds,
     sampled_sparsity_metrics,
     sparsity_metrics,
 )
@@ -77,6 +77,9 @@ _TORCH_ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.Hardshrink,
     nn.Softshrink,
 )
+# Activations whose output is never negative: their peak |a| is their max (ReLU6 subclasses Hardtanh, which may be
+# negative, so it is listed by its own class).
+_NONNEGATIVE: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
 # timm's own activation classes that do not subclass the torch ones, matched by name so that importing this
 # module does not import timm (seconds); a model built from them has imported timm already.
 _TIMM_ACTIVATIONS: frozenset[str] = frozenset(
@@ -140,7 +143,7 @@ class SparsityRecorder:
             raise ValueError(f"units must be at least 2, got {units}")
         self.method = method
         self.units = int(units)
-        self._seeds: np.ndarray | None = None
+        self._sample: BatchSample | None = None
         self.model = model
         self.model_name = str(model_name)
         self.threshold = _check_threshold(threshold)
@@ -215,11 +218,10 @@ class SparsityRecorder:
             k = self._calls[entry]
             self._calls[entry] = k + 1
             with torch.no_grad():
-                if self.method == "sampled":
-                    assert self._seeds is not None
-                    # The salt is the call's place in the model (entry, call), fixed for the model's life.
-                    metrics = sampled_sparsity_metrics(acts, self._seeds, entry * 1024 + k, units=self.units,
-                                                       threshold=self.threshold)
+                if self._sample is not None:
+                    metrics = sampled_sparsity_metrics(acts, self._sample, threshold=self.threshold,
+                                                       nonnegative=isinstance(module, _NONNEGATIVE),
+                                                       ceiling=6.0 if isinstance(module, nn.ReLU6) else None)
                 else:
                     metrics = sparsity_metrics(acts, threshold=self.threshold)
                 # One device->host copy per layer; no reference to acts outlives this hook.
@@ -244,7 +246,7 @@ class SparsityRecorder:
             raise TypeError("ids must be a sequence of ids, not one string")
         batch_ids = [str(i) for i in ids]
         self._ids = batch_ids
-        self._seeds = image_seeds(batch_ids) if self.method == "sampled" else None
+        self._sample = BatchSample(batch_ids, self.units) if self.method == "sampled" else None
         self._calls = [0] * len(self._layers)
         self._pending = []
         self._root_calls = 0
@@ -254,6 +256,7 @@ class SparsityRecorder:
         finally:
             self._ids = None
             self._pending = []
+            self._sample = None
         self._commit(batch_ids, pending)
 
     def _commit(self, ids: list[str], pending: list[tuple[int, int, np.ndarray]]) -> None:
