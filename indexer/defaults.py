@@ -11,7 +11,8 @@ BATCH_SIZE = 32
 # One decode worker keeps the second core's work (JPEG decode, resize) overlapped with the forward pass.
 WORKERS = 1
 DEVICE = "auto"
-# Encoder arithmetic: "auto" = float16 autocast on CUDA (cosine >= 0.999 to float32), float32 on a CPU.
+# Encoder arithmetic: "auto" = float16 autocast on CUDA, bfloat16 for transformers on a CPU with native bfloat16
+# (cosine >= 0.999 to float32), else float32 (indexer/encoders/registry.py: autocast_dtype).
 PRECISION = "auto"
 K = 10
 

@@ -193,12 +193,12 @@ def embed(model: torch.nn.Module, batch: torch.Tensor, device: torch.device, *,
     """L2-normalised features of one preprocessed batch, as float32 numpy.
 
     ``memory_format``: the encoder's layout (``Encoder.memory_format``; the batch is converted to it on the
-    device). ``autocast``: a half-precision dtype to run the model in on CUDA (``Encoder.autocast``)."""
+    device). ``autocast``: a half-precision dtype to run the model in (``Encoder.autocast``)."""
     x = batch.to(device, non_blocking=True)
     if x.dim() == 4:
         x = x.contiguous(memory_format=memory_format)
-    if autocast is not None and x.device.type == "cuda":
-        with torch.autocast("cuda", dtype=autocast):
+    if autocast is not None and x.device.type in ("cuda", "cpu"):
+        with torch.autocast(x.device.type, dtype=autocast):
             out = model(x)
     else:
         out = model(x)

@@ -485,7 +485,7 @@ def _layouts_agree(encoder: Encoder, photos: list[Path]) -> torch.Tensor:
 
     batch = torch.stack([encoder.preprocess(Image.open(p).convert("RGB")) for p in photos])
     cpu = torch.device("cpu")
-    ours = embed(encoder.model, batch, cpu, **encoder.run_options)
+    ours = embed(encoder.model, batch, cpu, memory_format=encoder.memory_format)
     nchw = copy.deepcopy(encoder.model).to(memory_format=torch.contiguous_format)
     plain = embed(nchw, batch, cpu)
     return _cosines(torch.from_numpy(ours), torch.from_numpy(plain))
@@ -508,6 +508,22 @@ def test_channels_last_for_cnns_only_and_embeddings_unchanged(tmp_path: Path, ef
     vit = load_encoder(make_tiny_open_clip_checkpoint(tmp_path))
     assert vit.memory_format == torch.contiguous_format
     assert _layouts_agree(vit, photos).min() >= 0.9999
+
+
+def test_cpu_bfloat16_for_transformers_only_and_within_cosine_0999(tmp_path: Path, effnet: Encoder) -> None:
+    from indexer.encoders.registry import _cpu_has_bf16
+    from indexer.extract import embed
+
+    vit = load_encoder(make_tiny_open_clip_checkpoint(tmp_path))
+    assert vit.autocast == (torch.bfloat16 if _cpu_has_bf16() else None)
+    assert effnet.autocast is None  # a CNN loses more than the 0.999 in bfloat16 (0.996 measured)
+    assert load_encoder(make_tiny_open_clip_checkpoint(tmp_path), precision="fp32").autocast is None
+    photos = sorted(PETS.glob("*/*/*.jpg"))[::40]
+    batch = torch.stack([vit.preprocess(Image.open(p).convert("RGB")) for p in photos])
+    cpu = torch.device("cpu")
+    half = embed(vit.model, batch, cpu, memory_format=vit.memory_format, autocast=torch.bfloat16)
+    full = embed(vit.model, batch, cpu, memory_format=vit.memory_format)
+    assert _cosines(torch.from_numpy(half), torch.from_numpy(full)).min() >= 0.999
 
 
 def test_unknown_precision_is_an_encoder_error() -> None:

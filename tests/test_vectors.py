@@ -297,3 +297,35 @@ def test_check_rejects_a_foreign_or_short_index(tmp_path: Path) -> None:
         vx.check(tmp_path, entry, ids_for(0, 2100))  # the index has fewer rows than the table
     with pytest.raises(IndexFileError, match="malformed"):
         SearchIndex.open(tmp_path, {"kind": "flat"})
+
+
+def test_flat_search_uses_gpu_copies_when_faiss_sees_gpus_and_falls_back_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    entry, _, _ = append_batches(tmp_path, [300, 200])
+    queries = clustered(20, seed=5)
+    want = SearchIndex.open(tmp_path, entry).search(queries, 5)
+    assert not vx.gpu_search_enabled()  # faiss-cpu here: no GPU to see (a GPU build on a GPU machine: True)
+    # A GPU build that sees one: the search goes through the copies it makes (an identity "copy" here).
+    copied: list[object] = []
+
+    def to_gpus(index: object) -> object:
+        copied.append(index)
+        return index
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", to_gpus, raising=False)
+    assert vx.gpu_search_enabled()
+    got = SearchIndex.open(tmp_path, entry).search(queries, 5)
+    assert len(copied) == 2 and np.array_equal(got[1], want[1])
+    monkeypatch.setenv("MAMMALS_FAISS_GPU", "0")
+    assert not vx.gpu_search_enabled()
+    monkeypatch.delenv("MAMMALS_FAISS_GPU")
+
+    def fails(index: object) -> object:
+        raise RuntimeError("out of GPU memory")
+
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", fails, raising=False)
+    with caplog.at_level("WARNING"):
+        got = SearchIndex.open(tmp_path, entry).search(queries, 5)
+    assert np.array_equal(got[1], want[1]) and "searching on the CPU" in caplog.text

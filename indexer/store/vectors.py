@@ -60,6 +60,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import math
 import os
 import time
@@ -72,6 +73,8 @@ import faiss
 import numpy as np
 
 from indexer import defaults
+
+log = logging.getLogger(__name__)
 
 _faiss: Any = faiss  # for SWIG names faiss's stubs do not declare
 
@@ -91,6 +94,15 @@ class IndexFileError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------- small helpers
+
+
+def gpu_search_enabled() -> bool:
+    """Whether searches run on GPUs: a GPU build of faiss that sees at least one, unless MAMMALS_FAISS_GPU=0.
+    faiss-cpu (the default install) has no GPUs to see."""
+    if os.environ.get("MAMMALS_FAISS_GPU", "1") == "0":
+        return False
+    get = getattr(_faiss, "get_num_gpus", None)
+    return bool(get is not None and get() > 0)
 
 
 def _unit(vectors: np.ndarray, dim: int | None = None) -> np.ndarray:
@@ -339,6 +351,7 @@ class SearchIndex:
         self._nprobe = 1
         self.heap_bytes = 0
         self.mapped_bytes = 0
+        self._gpu: list[Any] | None = None  # GPU copies of the flat segments (built at the first search)
 
     # -- opening
 
@@ -467,7 +480,7 @@ class SearchIndex:
         q = _unit(queries, self.dim)
         results: list[tuple[np.ndarray, np.ndarray]] = []
         if self.kind == "flat":
-            for index, _, _ in self._flat:
+            for index in self._flat_searchers():
                 if index.ntotal:
                     results.append(index.search(q, min(k, index.ntotal)))
         elif self.ntotal:
@@ -480,6 +493,20 @@ class SearchIndex:
                     if part.ntotal:
                         results.append(part.search_preassigned(q, k, coarse, coarse_sims))
         return _merge_top(results, len(q), k)
+
+    def _flat_searchers(self) -> list[Any]:
+        """The flat segments as searched: copies on the GPUs where a GPU build of faiss sees any
+        (``pip install '.[gpu]'``; ``MAMMALS_FAISS_GPU=0`` keeps them on the CPU), else the segments themselves."""
+        if self._gpu is None:
+            self._gpu = []
+            if gpu_search_enabled():
+                try:
+                    self._gpu = [_faiss.index_cpu_to_all_gpus(index) for index, _, _ in self._flat]
+                except (RuntimeError, AttributeError) as err:  # out of GPU memory, an index type it cannot copy
+                    log.warning("%s: searching on the CPU (could not copy the index to the GPU: %s)",
+                                self.directory, _faiss_reason(err))
+                    self._gpu = []
+        return self._gpu or [index for index, _, _ in self._flat]
 
     def exact_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Brute-force top-k over every stored row (any kind): the ground truth for recall."""
