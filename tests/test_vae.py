@@ -77,7 +77,8 @@ def test_default_training_halves_val_reconstruction_error(
     images, ids = pets
     assert images.shape == (1140, 3, 64, 64) and images.dtype == torch.uint8
     r, cfg = trained.report, trained.config
-    print("VAE defaults report:", json.dumps({k: round(v, 5) for k, v in r.items()}))
+    print("VAE defaults report:", json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()}))
+    assert r["device"] == "cpu" or str(r["device"]).startswith("cuda")
     for h in trained.history:
         print(f"  epoch {h['epoch']:.0f}: val mse {h['val_recon_mse']:.5f}, val kl {h['val_kl']:.1f}")
 
