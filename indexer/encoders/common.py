@@ -42,7 +42,7 @@ class Encoder:
     encode_text: Callable[[list[str]], torch.Tensor] | None = None
     # Layout the model runs in (and its batches are converted to): channels-last for CNNs (pick_memory_format).
     memory_format: torch.memory_format = torch.contiguous_format
-    # Half-precision dtype the model runs in under CUDA autocast (None: float32), set by load_encoder.
+    # Half-precision dtype the model runs in under autocast (None: float32), set by load_encoder (autocast_dtype).
     autocast: torch.dtype | None = None
 
     @property
@@ -98,8 +98,9 @@ def build_encoder(
 def pick_memory_format(model: torch.nn.Module) -> torch.memory_format:
     """Channels-last for convolutional networks, the default layout for the rest.
 
-    oneDNN's (and cuDNN's) convolutions run in NHWC natively: EfficientNet-Lite0 on this project's 2-core CPU runs
-    at 75 img/s channels-last against 32 in NCHW (benchmarks/results/index.json measures both for every run). A
+    oneDNN's (and cuDNN's) convolutions run in NHWC natively: EfficientNet-Lite0's bare forward pass on this
+    project's 2-core CPU runs at 154 img/s channels-last against 103 in NCHW, and at 64 against 29 with glibc's
+    default allocator (benchmarks/results/index.json measures all four for every run). A
     ViT has one convolution (its patch embedding) and then works on (B, tokens, width) tensors that have no
     channels-last form, so it is left as it is. "Convolutional" = more than one 2-D convolution.
     """
