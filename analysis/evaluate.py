@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 import torch
 
-from analysis.neighbours import encoder_for_store, search_vectors, top_label
+from analysis.neighbours import encoder_for_store, top_label
 from indexer.store import Store, schema, unit_rows
 
 
@@ -66,6 +66,28 @@ def knn_accuracy(gallery: np.ndarray, gallery_labels: Sequence[str], queries: np
     return hits / len(queries)
 
 
+def labelled_votes(gallery: np.ndarray, gallery_labels: Sequence[Any], gallery_ids: Sequence[str],
+                   queries: np.ndarray, exclude_ids: Sequence[str], *, k: int = 10) -> list[str | None]:
+    """The :func:`~analysis.neighbours.vote` of each query's k nearest *labelled* gallery rows (exact search),
+    leaving out the gallery row whose id is the query's ``exclude_ids`` entry (its own original).
+
+    Unlabelled rows (a label that is not a string) are left out of the gallery rather than allowed to abstain: in
+    a store that is mostly unlabelled (the 11k shared photos hold 1k labelled ones) most queries would otherwise
+    have no labelled neighbour at all, and a missing vote counts as a miss.  None only when no row is labelled.
+    """
+    labelled = np.flatnonzero([isinstance(v, str) for v in gallery_labels])
+    if len(labelled) == 0 or len(queries) == 0:
+        return [None] * len(queries)
+    sims, nbrs = _exact_knn(gallery[labelled], queries, k + 1)
+    votes: list[str | None] = []
+    for q in range(len(queries)):
+        keep = [j for j in range(nbrs.shape[1])
+                if nbrs[q, j] >= 0 and gallery_ids[labelled[nbrs[q, j]]] != exclude_ids[q]][:k]
+        votes.append(top_label([str(gallery_labels[labelled[nbrs[q, j]]]) for j in keep],
+                               [float(sims[q, j]) for j in keep]))
+    return votes
+
+
 def frechet_distance(a: np.ndarray, b: np.ndarray, dims: int = 64) -> float:
     """Fréchet distance between Gaussians fitted to two sets of feature rows (FID's formula), in the first
     ``dims`` principal components of ``a``: a few hundred photos cannot estimate a 1280-d covariance."""
@@ -93,7 +115,8 @@ def reconstruction_report(store: Store, vae: Any, images: torch.Tensor, ids: lis
     """How the pretrained encoder sees a VAE's reconstructions of photos the store holds (``images``, ``ids``).
 
     Each reconstruction is embedded with the store's encoder and given the species and the breed voted by its k
-    nearest indexed photos (the original excluded), compared with the original's labels:
+    nearest indexed photos *that have that label* (the original excluded; exact search), compared with the
+    original's labels:
     ``species_agreement`` / ``breed_agreement``, next to the rate a constant majority answer would get
     (``species_majority_rate`` / ``breed_majority_rate``, the trivial baseline).  ``frechet_distance`` compares
     the originals' stored embeddings with the reconstructions' (:func:`frechet_distance`).  Keys whose labels
@@ -106,18 +129,19 @@ def reconstruction_report(store: Store, vae: Any, images: torch.Tensor, ids: lis
     recon = decode_latents(vae, encode_images(vae, images))
     batch = torch.stack([enc.preprocess(im) for im in to_pil(recon)])
     vecs = embed(enc.model, batch, torch.device("cpu"), **enc.run_options)
-    found = search_vectors(store, vecs, k=k, space=schema.ENCODER_SPACE, exclude_ids=ids)
-    labels = store.images.set_index("id").loc[ids, ["species", "breed"]]
+    sp = store.space(schema.ENCODER_SPACE)
+    by_id = store.images.set_index("id")
+    labels = by_id.loc[ids, ["species", "breed"]]
     out: dict[str, float] = {}
     for col in ("species", "breed"):
         rows = [r for r, v in enumerate(labels[col]) if isinstance(v, str)]
         if not rows:
             continue
+        votes = labelled_votes(sp.vectors, by_id.loc[sp.ids, col].to_numpy(), sp.ids, vecs[rows],
+                               [ids[r] for r in rows], k=k)
         truth = [str(labels[col].iloc[r]) for r in rows]
-        votes = [top_label([getattr(n, col) for n in found[r]], [n.similarity for n in found[r]]) for r in rows]
         out[f"{col}_agreement"] = sum(v == t for v, t in zip(votes, truth, strict=True)) / len(rows)
         out[f"{col}_majority_rate"] = _majority_rate(truth)
-    sp = store.space(schema.ENCODER_SPACE)
     row_of = {i: r for r, i in enumerate(sp.ids)}
     real = sp.vectors[[row_of[i] for i in ids if i in row_of]]
     if len(real) > 2:
