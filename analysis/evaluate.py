@@ -66,7 +66,7 @@ def knn_accuracy(gallery: np.ndarray, gallery_labels: Sequence[str], queries: np
     return hits / len(queries)
 
 
-def labelled_votes(gallery: np.ndarray, gallery_labels: Sequence[Any], gallery_ids: Sequence[str],
+def labelled_votes(gallery: np.ndarray, gallery_labels: Sequence[Any] | np.ndarray, gallery_ids: Sequence[str],
                    queries: np.ndarray, exclude_ids: Sequence[str], *, k: int = 10) -> list[str | None]:
     """The :func:`~analysis.neighbours.vote` of each query's k nearest *labelled* gallery rows (exact search),
     leaving out the gallery row whose id is the query's ``exclude_ids`` entry (its own original).
