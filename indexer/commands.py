@@ -48,7 +48,7 @@ def _conf_index(p: argparse.ArgumentParser) -> None:
     p.add_argument("--species", choices=("cat", "dog"), help="species for folders whose layout does not say")
     p.add_argument("--labels", type=Path, metavar="CSV", help="CSV with a 'path' column; other columns are joined")
     p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE)
-    p.add_argument("--workers", type=int, default=defaults.WORKERS, help="decode worker processes")
+    p.add_argument("--workers", type=int, default=defaults.WORKERS, help="decode threads running ahead of the model (0: decode between batches)")
     p.add_argument("--device", default=defaults.DEVICE, help="auto (cuda if present), cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default=defaults.PRECISION,
                    help="encoder arithmetic: auto = fp16 autocast on CUDA, bf16 for transformers on CPUs with "

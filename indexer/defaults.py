@@ -8,7 +8,8 @@ from pathlib import Path
 ENCODER = "efficientnet-lite0"
 
 BATCH_SIZE = 32
-# One decode worker keeps the second core's work (JPEG decode, resize) overlapped with the forward pass.
+# One decode thread keeps the second core's work (read, hash, JPEG decode, resize) overlapped with the forward
+# pass (indexer/extract.py: iter_batches says why threads).
 WORKERS = 1
 DEVICE = "auto"
 # Encoder arithmetic: "auto" = float16 autocast on CUDA, bfloat16 for transformers on a CPU with native bfloat16

@@ -3,7 +3,7 @@
 Every way a file can be unusable (missing, empty, huge, not an image, truncated, a
 decompression bomb, too small) ends as one ``ImageError`` with a short human reason, so an
 indexing run can record the file as an error and carry on. Everything here is picklable,
-because it runs inside torch DataLoader worker processes.
+because it also runs in other processes (a Ray Data worker).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class ImageError(Exception):
         return f"{printable_path(self.path)}: {self.reason}"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Explicit so the error survives the trip back from a DataLoader worker process.
+        # Explicit so the error survives the trip back from another process (a Ray worker).
         return (type(self), (self.path, self.reason))
 
 

@@ -29,9 +29,8 @@ _done = False
 
 
 def keep_freed_memory() -> bool:
-    """Make glibc's malloc reuse freed memory instead of unmapping it (once per process; inherited by forked
-    decode workers). Returns whether the setting is in effect: False off glibc (macOS, musl), where nothing
-    changes."""
+    """Make glibc's malloc reuse freed memory instead of unmapping it (once per process). Returns whether the
+    setting is in effect: False off glibc (macOS, musl), where nothing changes."""
     global _done
     if _done:
         return True

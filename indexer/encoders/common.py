@@ -29,7 +29,7 @@ class Encoder:
 
     ``model`` maps a preprocessed batch ``(B, 3, H, W)`` to pooled features ``(B, dim)`` (not yet L2-normalised;
     the extractor normalises).  ``preprocess`` maps one RGB PIL image to a ``(3, H, W)`` float tensor and must be
-    picklable, because DataLoader workers run it.
+    picklable, because other processes (Ray workers) run it.
     """
 
     name: str  # the registry name the user typed, e.g. "efficientnet-lite0" or "open_clip:ViT-B-32/laion2b_s34b_b79k"
@@ -126,7 +126,7 @@ def resolve_device(device: str | torch.device, name: str = "") -> torch.device:
 
 
 class EnsureRGB:
-    """Convert any PIL mode (L, P, RGBA, CMYK...) to RGB; a class, not a lambda, so DataLoader workers can pickle it."""
+    """Convert any PIL mode (L, P, RGBA, CMYK...) to RGB; a class, not a lambda, so other processes can unpickle it."""
 
     def __call__(self, img: Image.Image) -> Image.Image:
         return img if img.mode == "RGB" else img.convert("RGB")

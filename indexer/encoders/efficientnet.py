@@ -128,7 +128,7 @@ def load_timm_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def build_preprocess() -> Compose:
-    """The README's eval transform, as a picklable torchvision ``Compose`` (DataLoader workers pickle it)."""
+    """The README's eval transform, as a picklable torchvision ``Compose`` (Ray workers unpickle it)."""
     return Compose(
         [
             EnsureRGB(),
