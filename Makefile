@@ -9,7 +9,7 @@ STORE   ?= stores/pets
 
 $(BIN)/mammals: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,ray]'
 	@touch $@
 
 install: $(BIN)/mammals

@@ -12,6 +12,7 @@ from typing import Any
 
 from indexer import defaults
 from indexer.cli import EXIT_OK, EXIT_PARTIAL, Command
+from indexer.engines import ENGINES, EngineOptions
 from indexer.errors import UsageError
 from indexer.store import schema
 
@@ -48,7 +49,8 @@ def _conf_index(p: argparse.ArgumentParser) -> None:
     p.add_argument("--species", choices=("cat", "dog"), help="species for folders whose layout does not say")
     p.add_argument("--labels", type=Path, metavar="CSV", help="CSV with a 'path' column; other columns are joined")
     p.add_argument("--batch-size", type=int, default=defaults.BATCH_SIZE)
-    p.add_argument("--workers", type=int, default=defaults.WORKERS, help="decode threads running ahead of the model (0: decode between batches)")
+    p.add_argument("--workers", type=int, default=defaults.WORKERS,
+                   help="local engine: decode threads running ahead of the model (0: decode between batches)")
     p.add_argument("--device", default=defaults.DEVICE, help="auto (cuda if present), cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default=defaults.PRECISION,
                    help="encoder arithmetic: auto = fp16 autocast on CUDA, bf16 for transformers on CPUs with "
@@ -66,6 +68,17 @@ def _conf_index(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", dest="index_kind", metavar="KIND", default=None,
                    help="vector index type: auto (exact below a size threshold, approximate above; the default), "
                         "or force one of flat, ivf, ivfpq, hnsw (remembered by the store)")
+    p.add_argument("--engine", choices=ENGINES, default=defaults.ENGINE,
+                   help="where new photos are decoded and embedded: local (this process; the default) or ray (Ray "
+                        "Data: CPU decode tasks and model actors; pip install 'mammals-space[ray]'); this process "
+                        "writes the store either way")
+    p.add_argument("--ray-address", metavar="ADDR", default=None,
+                   help="--engine ray: a running cluster (auto, or HOST:PORT of `ray start --head`); default: start "
+                        "a Ray on this machine for the run")
+    p.add_argument("--concurrency", type=int, default=1, metavar="N",
+                   help="--engine ray: model actors, each holding the encoder and trained models (default 1)")
+    p.add_argument("--num-gpus-per-worker", type=float, default=0.0, metavar="G",
+                   help="--engine ray: GPUs per model actor (default 0: CPU actors)")
     p.add_argument("--json", action="store_true", help="print the run report as JSON on stdout")
 
 
@@ -80,12 +93,18 @@ def _run_index(a: argparse.Namespace) -> int:
     if a.no_sparsity and a.sparsity not in (None, "off"):
         raise UsageError(f"--no-sparsity contradicts --sparsity {a.sparsity}")
     sparsity = "off" if a.no_sparsity else a.sparsity or "auto"
+    if a.engine != "ray" and (a.ray_address or a.concurrency != 1 or a.num_gpus_per_worker):
+        raise UsageError("--ray-address, --concurrency and --num-gpus-per-worker need --engine ray")
+    try:
+        engine = EngineOptions(a.engine, a.ray_address, a.concurrency, a.num_gpus_per_worker)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     dirs = a.data_dirs or stored_sources(a.store) or default_data_dirs()
     report = run_index(dirs, a.store, encoder=a.encoder, layout=a.layout, species=a.species, labels_csv=a.labels,
                        batch_size=a.batch_size, workers=a.workers, device=a.device, precision=a.precision,
                        progress=not a.quiet,
                        sparsity=sparsity, sparsity_threshold=a.sparsity_threshold, wait=a.wait,
-                       index_kind=a.index_kind)
+                       index_kind=a.index_kind, engine=engine)
     if a.json:
         print(json.dumps({**report.as_dict(), "error_files": [{"path": p, "reason": r} for p, r in report.errors]},
                          indent=2))

@@ -12,6 +12,8 @@ BATCH_SIZE = 32
 # pass (indexer/extract.py: iter_batches says why threads).
 WORKERS = 1
 DEVICE = "auto"
+# Where pass 1 of `mammals index` runs (indexer/engines): this process unless told otherwise.
+ENGINE = "local"
 # Encoder arithmetic: "auto" = float16 autocast on CUDA, bfloat16 for transformers on a CPU with native bfloat16
 # (cosine >= 0.999 to float32), else float32 (indexer/encoders/registry.py: autocast_dtype).
 PRECISION = "auto"

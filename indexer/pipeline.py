@@ -17,8 +17,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from tqdm import tqdm
 
 from indexer import defaults
 from indexer.encoders import Encoder, load_encoder, resolve_device
+from indexer.engines import EngineOptions
 from indexer.extract import Batch, FileResult, StageTimes, embed, iter_batches
 from indexer.latents import (
     ENCODER,
@@ -46,8 +46,16 @@ from indexer.latents import (
     vae_vectors,
 )
 from indexer.runtime import keep_freed_memory
+from indexer.shard import (
+    Recorders,
+    RunPlan,
+    ShardOutput,
+    ShardRunner,
+    decode_side,
+    shard_transforms,
+)
 from indexer.sources import CatalogRow, is_utf8_path, join_labels, printable_path, scan
-from indexer.sparsity import DEFAULT_THRESHOLD, SparsityRecorder
+from indexer.sparsity import DEFAULT_THRESHOLD, sparsity_frame
 from indexer.store import Store, StoreError, schema, utcnow
 from indexer.store.lock import StoreLockedError, WriterLock
 
@@ -138,31 +146,6 @@ def _image_rows(batch_rows: list[tuple[CatalogRow, FileResult]], now: Any) -> pd
     return df
 
 
-@dataclass
-class _Plan:
-    """What this run computes for new photos (live) and what it recomputes for all photos (backfill)."""
-
-    live_spaces: list[str]  # derived spaces computed for new photos in pass 1
-    backfill_models: list[str]  # models whose spaces are (re)computed for every photo in pass 2
-    sparsity: dict[str, str]  # model -> weights sha256 of the models whose sparsity is recorded
-    threshold: float
-    method: str = "exact"  # "exact" or "sampled:<units>" (indexer.latents.sparsity_method)
-
-    @property
-    def sampling(self) -> tuple[str, int]:
-        """The recorder's (method, units)."""
-        kind, _, units = self.method.partition(":")
-        return kind, int(units or defaults.SPARSITY_SAMPLE_UNITS)
-
-    def sparsity_info(self, model: str) -> dict[str, Any]:
-        kind, units = self.sampling
-        info: dict[str, Any] = {"model_sha256": self.sparsity[model], "threshold": self.threshold, "method": kind}
-        return {**info, "sample_units": units} if kind == "sampled" else info
-
-    def needs_vae_pixels(self) -> bool:
-        return any(s in self.live_spaces for s in MODEL_SPACES[VAE])
-
-
 def resolve_sparsity(store: Store, sparsity: bool | str) -> str:
     """The sparsity method of a run: ``"off"``, ``"exact"`` or ``"sampled:<units>"``.
 
@@ -184,7 +167,7 @@ def resolve_sparsity(store: Store, sparsity: bool | str) -> str:
     raise StoreError(f"unknown sparsity method {sparsity!r} (choose from auto, {', '.join(defaults.SPARSITY_METHODS)})")
 
 
-def _plan(store: Store, enc: Encoder, models: TrainedModels, *, sparsity: str, threshold: float) -> _Plan:
+def _plan(store: Store, enc: Encoder, models: TrainedModels, *, sparsity: str, threshold: float) -> RunPlan:
     live: list[str] = []
     backfill: list[str] = []
     for model in models.available():
@@ -203,48 +186,7 @@ def _plan(store: Store, enc: Encoder, models: TrainedModels, *, sparsity: str, t
             if model in store.sparsity_models() and not sparsity_is_current(store, model, sha, threshold, sparsity):
                 store.drop_sparsity(model)
             recorded[model] = sha
-    return _Plan(live, backfill, recorded, threshold, sparsity if sparsity != "off" else "exact")
-
-
-class _Recorders:
-    """One SparsityRecorder per model whose sparsity this run records, attached for the run's duration."""
-
-    def __init__(self, stack: ExitStack, enc: Encoder, models: TrainedModels, plan: _Plan):
-        self.plan = plan
-        self.by_model: dict[str, SparsityRecorder] = {}
-        nets: dict[str, tuple[torch.nn.Module, Any]] = {ENCODER: (enc.model, None)}
-        if models.mapper is not None:
-            nets[MAPPER] = (models.mapper, models.mapper.activation_layers())
-        if models.vae is not None:
-            nets[VAE] = (models.vae, models.vae.activation_layers())
-        for model, (net, layers) in nets.items():
-            if model in plan.sparsity:
-                method, units = plan.sampling
-                self.by_model[model] = stack.enter_context(
-                    SparsityRecorder(net, model, threshold=plan.threshold, layers=layers, method=method,
-                                     units=units))
-
-    def record(self, model: str, ids: list[str]) -> Any:
-        rec = self.by_model.get(model)
-        return rec.record(ids) if rec is not None else ExitStack()
-
-    def flush(self, store: Store, keep_ids: set[str] | None = None) -> None:
-        """Move recorded rows into the store (only rows of ``keep_ids`` when given: duplicates are dropped)."""
-        for model, rec in self.by_model.items():
-            df = rec.frame()
-            rec.clear()
-            if keep_ids is not None:
-                df = df[df["id"].isin(keep_ids)]
-            if len(df):
-                store.add_sparsity(df.reset_index(drop=True), model,
-                                   {**self.plan.sparsity_info(model), "layers": rec.layer_names})
-
-    def missing_ids(self, store: Store, model: str) -> list[str]:
-        """Store ids without sparsity rows of ``model`` (all of them after a retrain or a --no-sparsity run)."""
-        if model not in self.by_model:
-            return []
-        have = store.sparsity_ids(model)
-        return [i for i in store.image_ids() if i not in have]
+    return RunPlan(live, backfill, recorded, threshold, sparsity if sparsity != "off" else "exact")
 
 
 def run_index(
@@ -265,6 +207,7 @@ def run_index(
     sparsity_threshold: float = DEFAULT_THRESHOLD,
     wait: bool = False,
     index_kind: str | None = None,
+    engine: EngineOptions | str = defaults.ENGINE,
 ) -> IndexReport:
     """Index the photos under ``sources`` into the store at ``store_path`` (created if missing).
 
@@ -273,8 +216,11 @@ def run_index(
     lock throughout (``wait`` for it when another process holds it; else a StoreError naming the holder).
     ``index_kind`` forces the vector index type (see ``indexer.store.vectors.INDEX_KINDS``; default: by size).
     ``sparsity``: ``"auto"`` (or True: the store's method, else ``"sampled"``), ``"sampled"``, ``"exact"`` or
-    ``"off"`` (or False); see :func:`resolve_sparsity`.
+    ``"off"`` (or False); see :func:`resolve_sparsity`.  ``engine``: where new photos are decoded and embedded
+    (:class:`indexer.engines.EngineOptions`, or just its name: ``"local"`` or ``"ray"``); this process writes the
+    store either way.
     """
+    engine = engine if isinstance(engine, EngineOptions) else EngineOptions(engine)
     t_start = time.perf_counter()
     keep_freed_memory()  # 2-3x faster CPU forward passes (indexer/runtime.py says why)
     if not wait:
@@ -286,19 +232,8 @@ def run_index(
         return _run_locked(store, rows, matched, enc, dev, sources=sources, layout=layout, species=species,
                            labels_csv=labels_csv, batch_size=batch_size, workers=workers, progress=progress,
                            commit_every_seconds=commit_every_seconds, sparsity=sparsity,
-                           sparsity_threshold=sparsity_threshold, index_kind=index_kind, t_start=t_start)
-
-
-def _decode_side(enc: Encoder, models: TrainedModels, transforms: dict[str, Any]) -> int:
-    """The largest shorter side the run's transforms resize to (reduced-scale JPEG decoding stays above it)."""
-    sides = []
-    if "encoder" in transforms:
-        if not enc.input_side:
-            return 0  # a preprocessing we cannot read: decode at full size
-        sides.append(enc.input_side)
-    if VAE in transforms:
-        sides.append(models.vae_image_size)
-    return max(sides, default=0)
+                           sparsity_threshold=sparsity_threshold, index_kind=index_kind, t_start=t_start,
+                           engine=engine)
 
 
 def _refuse_if_locked(store_path: Path) -> None:
@@ -332,7 +267,7 @@ def _run_locked(
     store: Store, rows: list[CatalogRow], matched: int | None, enc: Encoder, dev: torch.device, *,
     sources: Sequence[Path], layout: str, species: str | None, labels_csv: Path | None, batch_size: int,
     workers: int, progress: bool, commit_every_seconds: float, sparsity: bool | str, sparsity_threshold: float,
-    index_kind: str | None, t_start: float,
+    index_kind: str | None, t_start: float, engine: EngineOptions,
 ) -> IndexReport:
     store_path = store.path
     if schema.ENCODER_SPACE not in store.space_names() and len(store):
@@ -355,16 +290,15 @@ def _run_locked(
         "sparsity": method,
         "sparsity_threshold": sparsity_threshold,
         "index": index_kind or store.manifest.get("parameters", {}).get("index") or "auto",
+        "engine": engine.name,
     }
     store.manifest.setdefault("parameters", {})["index"] = parameters["index"]
     started = utcnow()
     times = StageTimes()
-    with ExitStack() as stack:
-        recorders = _Recorders(stack, enc, models, plan)
-        _add_new_photos(rows, store, enc, models, plan, recorders, report, times, dev, parameters,
-                        batch_size=batch_size, workers=workers, progress=progress,
-                        commit_every_seconds=commit_every_seconds)
-        _backfill(store, enc, models, plan, recorders, report, times, dev, parameters,
+    with ShardRunner(enc, models, plan, dev) as runner:
+        _add_new_photos(rows, store, runner, report, times, parameters, engine=engine, batch_size=batch_size,
+                        workers=workers, progress=progress, commit_every_seconds=commit_every_seconds)
+        _backfill(store, enc, models, plan, runner.recorders, report, times, dev, parameters,
                   batch_size=batch_size, workers=workers, progress=progress)
     report.seconds = time.perf_counter() - t_start
     report.stages = times.as_dict()
@@ -424,11 +358,28 @@ def _relabel(store: Store, rows: list[CatalogRow]) -> int:
     return store.set_labels(pd.DataFrame.from_dict(records, orient="index"))
 
 
+def _local_outputs(paths: list[str], runner: ShardRunner, known: frozenset[str], times: StageTimes, *,
+                   batch_size: int, workers: int) -> Iterator[ShardOutput]:
+    """The local engine: decode threads feed batches to the one :class:`ShardRunner` of this process."""
+    transforms = shard_transforms(runner.enc, runner.models, runner.plan)
+    it = iter_batches(paths, transforms, known_ids=known, batch_size=batch_size, workers=workers,
+                      pin_memory=runner.device.type == "cuda",
+                      side=decode_side(runner.enc, runner.models, transforms))
+    while True:
+        t0 = time.perf_counter()
+        batch: Batch | None = next(it, None)
+        times.wait += time.perf_counter() - t0
+        if batch is None:
+            return
+        yield runner(batch)
+
+
 def _add_new_photos(
-    rows: list[CatalogRow], store: Store, enc: Encoder, models: TrainedModels, plan: _Plan, recorders: _Recorders,
-    report: IndexReport, times: StageTimes, dev: torch.device, parameters: dict[str, Any], *,
-    batch_size: int, workers: int, progress: bool, commit_every_seconds: float,
+    rows: list[CatalogRow], store: Store, runner: ShardRunner, report: IndexReport, times: StageTimes,
+    parameters: dict[str, Any], *, engine: EngineOptions, batch_size: int, workers: int, progress: bool,
+    commit_every_seconds: float,
 ) -> None:
+    """Pass 1: shards of new photos from the engine; this process alone appends them to the store and commits."""
     known = frozenset(store.known_ids())
     seen_now: set[str] = set()
     rows, bad_names = _split_undecodable_names(rows)
@@ -438,38 +389,39 @@ def _add_new_photos(
         log.warning("skipped %s: %s", path, NON_UTF8_REASON)
     pending_rows: list[tuple[CatalogRow, FileResult]] = []
     pending_vecs: dict[str, list[np.ndarray]] = {}
+    pending_sparsity: dict[str, tuple[list[str], list[tuple[list[str], np.ndarray]]]] = {}
     pending_errors: list[dict[str, Any]] = [
         {"path": printable_path(r.path), "reason": NON_UTF8_REASON, "dataset": r.dataset, "seen_at": utcnow()}
         for r in bad_names]
-    transforms: dict[str, Any] = {"encoder": enc.preprocess}
-    if plan.needs_vae_pixels():
-        from indexer.models.vae import vae_transform
-
-        transforms[VAE] = vae_transform(models.vae_image_size)
+    plan = runner.plan
 
     def flush() -> None:
-        nonlocal pending_rows, pending_vecs, pending_errors
+        nonlocal pending_rows, pending_vecs, pending_sparsity, pending_errors
         if pending_rows:
             store.add_images(_image_rows(pending_rows, utcnow()),
                              {sp: np.concatenate(v) for sp, v in pending_vecs.items()})
-            recorders.flush(store, keep_ids={r.id for _, r in pending_rows if r.id})
+            for model, (names, batches) in pending_sparsity.items():
+                if any(len(ids) for ids, _ in batches):
+                    store.add_sparsity(sparsity_frame(model, names, batches), model,
+                                       {**plan.sparsity_info(model), "layers": names})
         store.set_errors(pending_errors)
         if store.dirty:  # a run that found nothing new publishes no empty version
             store.commit(parameters=parameters)
-        pending_rows, pending_vecs, pending_errors = [], {}, []
+        pending_rows, pending_vecs, pending_sparsity, pending_errors = [], {}, {}, []
 
+    paths = [str(r.path) for r in rows]
+    if engine.name == "ray":
+        from indexer.engines.ray_data import ray_outputs
+
+        outputs = ray_outputs(paths, runner, known, times, engine, batch_size=batch_size, store_path=store.path,
+                              progress=progress)
+    else:
+        outputs = _local_outputs(paths, runner, known, times, batch_size=batch_size, workers=workers)
     bar = tqdm(total=len(rows), unit="img", desc="index", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     last_commit = time.perf_counter()
     try:
-        it = iter_batches([str(r.path) for r in rows], transforms, known_ids=known, batch_size=batch_size,
-                          workers=workers, pin_memory=dev.type == "cuda", side=_decode_side(enc, models, transforms))
-        while True:
-            t0 = time.perf_counter()
-            batch: Batch | None = next(it, None)
-            times.wait += time.perf_counter() - t0
-            if batch is None:
-                break
-            for res in batch.results:
+        for out in outputs:
+            for res in out.results:
                 if res.status == "known":
                     report.already_indexed += 1
                 elif res.status == "error":
@@ -477,23 +429,25 @@ def _add_new_photos(
                     log.warning("skipped %s: %s", res.path, res.reason)
                     pending_errors.append({"path": res.path, "reason": res.reason,
                                            "dataset": rows[res.index].dataset, "seen_at": utcnow()})
-            oks = batch.ok
-            if oks:
-                vectors = _forward_new(batch, oks, enc, models, plan, recorders, times, dev)
-                keep = []
-                for k, res in enumerate(oks):
-                    assert res.id is not None
-                    if res.id in seen_now:  # the same bytes under a second path: index once
-                        report.duplicates += 1
-                        continue
-                    seen_now.add(res.id)
-                    keep.append(k)
-                    pending_rows.append((rows[res.index], res))
-                if keep:
-                    for sp, v in vectors.items():
-                        pending_vecs.setdefault(sp, []).append(v[keep])
-                    report.added += len(keep)
-            bar.update(len(batch.results))
+            for model, seconds in out.forward_seconds.items():
+                times.add_forward(model, seconds)
+            keep = []
+            for k, res in enumerate(out.ok):
+                assert res.id is not None
+                if res.id in seen_now:  # the same bytes under a second path (or a retried shard): index once
+                    report.duplicates += 1
+                    continue
+                seen_now.add(res.id)
+                keep.append(k)
+                pending_rows.append((rows[res.index], res))
+            if keep:
+                for sp, v in out.vectors.items():
+                    pending_vecs.setdefault(sp, []).append(v[keep])
+                kept_ids = [str(out.ok[k].id) for k in keep]
+                for model, (names, values) in out.sparsity.items():
+                    pending_sparsity.setdefault(model, (names, []))[1].append((kept_ids, values[keep]))
+                report.added += len(keep)
+            bar.update(len(out.results))
             if time.perf_counter() - last_commit > commit_every_seconds:
                 flush()
                 last_commit = time.perf_counter()
@@ -514,32 +468,8 @@ def _split_undecodable_names(rows: list[CatalogRow]) -> tuple[list[CatalogRow], 
     return good, bad
 
 
-def _forward_new(
-    batch: Batch, oks: list[FileResult], enc: Encoder, models: TrainedModels, plan: _Plan, recorders: _Recorders,
-    times: StageTimes, dev: torch.device,
-) -> dict[str, np.ndarray]:
-    """Every live space for the batch's good photos: encoder, then mapper (from it), then VAE (from pixels)."""
-    ids = [r.id for r in oks if r.id is not None]
-    t = time.perf_counter()
-    with recorders.record(ENCODER, ids):
-        enc_vecs = embed(enc.model, batch.tensors["encoder"], dev, **enc.run_options)
-    times.add_forward(ENCODER, time.perf_counter() - t)
-    out = {schema.ENCODER_SPACE: enc_vecs}
-    if any(sp in plan.live_spaces for sp in MODEL_SPACES[MAPPER]):
-        t = time.perf_counter()
-        with recorders.record(MAPPER, ids):
-            out.update(mapper_vectors(models, enc_vecs))
-        times.add_forward(MAPPER, time.perf_counter() - t)
-    if plan.needs_vae_pixels():
-        t = time.perf_counter()
-        with recorders.record(VAE, ids):
-            out.update(vae_vectors(models, batch.tensors[VAE]))
-        times.add_forward(VAE, time.perf_counter() - t)
-    return out
-
-
 def _backfill(
-    store: Store, enc: Encoder, models: TrainedModels, plan: _Plan, recorders: _Recorders, report: IndexReport,
+    store: Store, enc: Encoder, models: TrainedModels, plan: RunPlan, recorders: Recorders, report: IndexReport,
     times: StageTimes, dev: torch.device, parameters: dict[str, Any], *, batch_size: int, workers: int,
     progress: bool,
 ) -> None:
@@ -589,7 +519,7 @@ def _backfill(
                dynamic_ncols=True)
     try:
         for batch in iter_batches([path_of[i] for i in todo], transforms, batch_size=batch_size, workers=workers,
-                                  pin_memory=dev.type == "cuda", side=_decode_side(enc, models, transforms)):
+                                  pin_memory=dev.type == "cuda", side=decode_side(enc, models, transforms)):
             good = [r for r in batch.ok if r.id == todo[r.index]]
             for r in batch.results:
                 if r.status != "ok" or r.id != todo[r.index]:

@@ -294,25 +294,18 @@ class SparsityRecorder:
 
     def frame(self) -> pd.DataFrame:
         """All rows so far: id order as recorded, then ``layer_index``, then metric in :data:`METRICS` order."""
-        n_layers, n_metrics = len(self._layer_names), len(METRICS)
+        return sparsity_frame(self.model_name, self._layer_names,
+                              [(ids, v.transpose(2, 0, 1)) for ids, v in self._batches])
+
+    def take(self) -> tuple[list[str], list[str], np.ndarray]:
+        """The rows so far as (layer names, ids, ``(images, layers, len(METRICS))`` values), then :meth:`clear`:
+        the form that travels between processes (a Ray worker returns it; the driver stores it)."""
         ids = [i for batch_ids, _ in self._batches for i in batch_ids]
-        # (L, M, B) per batch -> (B, L, M) -> flat, matching the row order.
-        values = np.concatenate(
-            [v.transpose(2, 0, 1).reshape(-1) for _, v in self._batches] or [np.zeros(0, dtype=np.float64)]
-        )
-        n_images = len(ids)
-        return pd.DataFrame(
-            {
-                "id": pd.Series(np.repeat(np.array(ids, dtype=object), n_layers * n_metrics), dtype="str"),
-                "model": pd.Series([self.model_name] * (n_images * n_layers * n_metrics), dtype="str"),
-                "layer_index": np.tile(np.repeat(np.arange(n_layers, dtype=np.int32), n_metrics), n_images),
-                "layer_name": pd.Series(
-                    np.tile(np.repeat(np.array(self._layer_names, dtype=object), n_metrics), n_images), dtype="str"
-                ),
-                "metric": pd.Series(np.tile(np.array(METRICS, dtype=object), n_images * n_layers), dtype="str"),
-                "value": values.astype(np.float64, copy=False),
-            }
-        )
+        n_layers = len(self._layer_names)
+        values = (np.concatenate([v.transpose(2, 0, 1) for _, v in self._batches]) if self._batches
+                  else np.zeros((0, n_layers, len(METRICS)), dtype=np.float64))
+        self.clear()
+        return self.layer_names, ids, values
 
     def table(self) -> pa.Table:
         """:meth:`frame` as an Arrow table with :data:`SPARSITY_SCHEMA`."""
@@ -321,6 +314,29 @@ class SparsityRecorder:
     def clear(self) -> None:
         """Drop the rows collected so far (the layer order fixed by the first batch stays)."""
         self._batches = []
+
+
+def sparsity_frame(model_name: str, layer_names: Sequence[str],
+                   batches: Sequence[tuple[Sequence[str], np.ndarray]]) -> pd.DataFrame:
+    """The long sparsity table of recorded batches, each (ids, ``(images, layers, len(METRICS))`` values): rows in
+    id order, then ``layer_index``, then metric in :data:`METRICS` order."""
+    n_layers, n_metrics = len(layer_names), len(METRICS)
+    ids = [i for batch_ids, _ in batches for i in batch_ids]
+    values = np.concatenate([np.asarray(v, dtype=np.float64).reshape(-1) for _, v in batches]
+                            or [np.zeros(0, dtype=np.float64)])
+    n_images = len(ids)
+    return pd.DataFrame(
+        {
+            "id": pd.Series(np.repeat(np.array(ids, dtype=object), n_layers * n_metrics), dtype="str"),
+            "model": pd.Series([model_name] * (n_images * n_layers * n_metrics), dtype="str"),
+            "layer_index": np.tile(np.repeat(np.arange(n_layers, dtype=np.int32), n_metrics), n_images),
+            "layer_name": pd.Series(
+                np.tile(np.repeat(np.array(list(layer_names), dtype=object), n_metrics), n_images), dtype="str"
+            ),
+            "metric": pd.Series(np.tile(np.array(METRICS, dtype=object), n_images * n_layers), dtype="str"),
+            "value": values,
+        }
+    )
 
 
 def _first_tensor(output: Any) -> torch.Tensor | None:
