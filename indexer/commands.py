@@ -38,10 +38,11 @@ def stored_sources(store: Path) -> list[Path]:
 def _conf_index(p: argparse.ArgumentParser) -> None:
     from indexer.sources import LAYOUTS
 
-    p.add_argument("data_dirs", nargs="*", type=Path, metavar="DATA_DIR",
+    p.add_argument("data_dirs", nargs="*", type=_path_arg, metavar="DATA_DIR",
                    help="photo folders or CSV manifests (default: the store's own sources when it exists, "
                         "else ../shared/data/pets where it exists)")
-    p.add_argument("--store", type=Path, required=True, help="store directory (created if missing)")
+    p.add_argument("--store", type=_path_arg, required=True,
+                   help="store directory (created if missing); a path or a file:// URL")
     p.add_argument("--encoder", default=defaults.ENCODER,
                    help=f"encoder name (default {defaults.ENCODER}; also open_clip:MODEL/TAG_OR_PATH, "
                         "timm:MODEL/CHECKPOINT)")
@@ -80,6 +81,16 @@ def _conf_index(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-gpus-per-worker", type=float, default=0.0, metavar="G",
                    help="--engine ray: GPUs per model actor (default 0: CPU actors)")
     p.add_argument("--json", action="store_true", help="print the run report as JSON on stdout")
+
+
+def _path_arg(value: str) -> Path:
+    """argparse type: a path or a file:// URL (indexer.sources.local_path); anything else exits 2 with why."""
+    from indexer.sources import local_path
+
+    try:
+        return local_path(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _run_index(a: argparse.Namespace) -> int:

@@ -54,6 +54,7 @@ __all__ = [
     "detect_layout",
     "is_utf8_path",
     "join_labels",
+    "local_path",
     "normalise_breed",
     "printable_path",
     "scan",
@@ -95,6 +96,21 @@ class CatalogRow:
     dataset: str  # the root folder's name, or the CSV file's stem
     layout: str  # one of LAYOUTS
     labels: Mapping[str, Any] = field(default_factory=dict, hash=False)  # a plain dict: picklable
+
+
+def local_path(value: str) -> Path:
+    """A command-line path: a plain path or a ``file://`` URL (fsspec's spelling of one). Other URL schemes
+    (``s3://``, ``gs://``...) are refused with a ValueError saying what to do: photos and stores are read and
+    written through the local file system, so an object store must be mounted (s3fs, gcsfuse, a cluster's shared
+    file system) and given by its mount path."""
+    from urllib.parse import unquote, urlparse
+
+    if "://" not in value:
+        return Path(value)
+    url = urlparse(value)
+    if url.scheme == "file" and url.netloc in ("", "localhost"):
+        return Path(unquote(url.path))
+    raise ValueError(f"{value}: {url.scheme}:// URLs are not read directly; mount the storage and give its path")
 
 
 def normalise_breed(name: str) -> str:

@@ -138,3 +138,20 @@ def test_a_killed_driver_resumes_from_its_last_commit(local_ray: None, tmp_path:
     assert report.already_indexed >= committed and report.added == 160 - report.already_indexed - report.duplicates
     assert cli(["verify", str(store_path), "-q"]) == 0
     shutil.rmtree(photos)
+
+
+def test_cli_takes_file_urls_and_refuses_other_schemes(local_ray: None, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    photos = _folder(tmp_path / "photos dir", 24)  # a space, to be escaped in the URL
+    store = tmp_path / "store"
+    code = cli(["index", photos.as_uri(), "--store", store.as_uri(), "--engine", "ray", "--no-sparsity", "--json",
+                "-q"])
+    assert code == 0
+    assert '"added": 24' in capsys.readouterr().out
+    assert len(Store.open(store).images) == 24
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["index", "s3://bucket/photos", "--store", str(store), "-q"])
+    assert exit_info.value.code == 2
+    assert "s3:// URLs are not read directly; mount the storage" in capsys.readouterr().err
+    assert cli(["index", str(photos), "--store", str(store), "--concurrency", "2", "-q"]) == 2
+    assert "need --engine ray" in capsys.readouterr().err
