@@ -320,3 +320,52 @@ def _run_train(a: argparse.Namespace) -> int:
 
 
 TRAIN = Command("train", "train the mapper or the VAE on a store", _conf_train, _run_train)
+
+
+# ---------------------------------------------------------------------------------------------------- serve
+def _conf_serve(p: argparse.ArgumentParser) -> None:
+    from analysis.server import MAX_UPLOAD_BYTES, TOKEN_ENV
+
+    p.add_argument("store", type=Path, help="the store to serve")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; another address needs a token)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="server processes, each with the store loaded")
+    p.add_argument("--token", default=None,
+                   help=f"require 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV} when set)")
+    p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_BYTES / 2**20,
+                   help="largest accepted upload in MiB (default %(default)s)")
+    p.add_argument("--device", default="cpu", help="where query photos are embedded (default cpu)")
+
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _run_serve(a: argparse.Namespace) -> int:
+    import os
+
+    import uvicorn
+
+    from analysis.server import TOKEN_ENV, create_app
+    from indexer.store import Store
+
+    token = a.token or os.environ.get(TOKEN_ENV) or None
+    if a.host not in _LOOPBACK and not token:
+        raise UsageError(f"--host {a.host} exposes the store beyond this machine: give --token (or ${TOKEN_ENV})")
+    if a.workers < 1 or not 0 < a.port < 65536 or a.max_upload_mb <= 0:
+        raise UsageError("--workers must be >= 1, --port in 1-65535 and --max-upload-mb > 0")
+    Store.open(a.store)  # a missing or broken store fails here, before the server starts
+    max_upload = int(a.max_upload_mb * 2**20)
+    log.info("serving %s on http://%s:%d (docs at /docs)", a.store, a.host, a.port)
+    if a.workers == 1:
+        uvicorn.run(create_app(a.store, token=token, max_upload_bytes=max_upload, device=a.device), host=a.host,
+                    port=a.port, log_level="warning")
+    else:  # worker processes build the app themselves, from the environment
+        os.environ.update({"MAMMALS_SERVE_STORE": str(a.store.resolve()), "MAMMALS_SERVE_MAX_UPLOAD": str(max_upload),
+                           "MAMMALS_SERVE_DEVICE": a.device, TOKEN_ENV: token or ""})
+        uvicorn.run("analysis.server:app_from_env", factory=True, host=a.host, port=a.port, workers=a.workers,
+                    log_level="warning")
+    return EXIT_OK
+
+
+SERVE = Command("serve", "HTTP query service over a store (FastAPI; docs at /docs)", _conf_serve, _run_serve)

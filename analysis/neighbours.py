@@ -52,7 +52,7 @@ class BreedVote:
     share: float  # score / total score of all labelled neighbours
 
 
-QueryKind = Literal["image", "id", "text"]
+QueryKind = Literal["image", "id", "text", "vector"]
 
 
 @dataclass
@@ -136,7 +136,7 @@ def search_vectors(
     if kk == 0:
         return [[] for _ in range(len(vectors))]
     sims, fids = index.search(unit_rows(vectors), kk)
-    by_fid = store.images.set_index("faiss_id")
+    by_fid = store.images_by_faiss_id()
     out: list[list[Neighbour]] = []
     for row, (row_sims, row_fids) in enumerate(zip(sims, fids, strict=True)):
         found = []
@@ -176,10 +176,19 @@ def query_images(store: Store, images: Sequence[Path], *, k: int = defaults.K, s
         except ImageError as e:
             results.append(QueryResult(str(path), error=e.reason))
             continue
-        vec = project_image(img, space, encoder, models, dev)
-        nbrs = search_vectors(store, vec, k=k, space=space)[0]
-        results.append(QueryResult(str(path), nbrs, breed_votes(nbrs)))
+        results.append(query_image(store, str(path), img, k=k, space=space, encoder=encoder, models=models,
+                                   device=dev))
     return results
+
+
+def query_image(store: Store, name: str, img: Image.Image, *, k: int, space: str, encoder: Encoder,
+                models: TrainedModels | None, device: torch.device) -> QueryResult:
+    """One decoded photo's neighbours and breed votes, with models the caller holds (``mammals serve`` loads them
+    once); ``name`` is what the result calls the query."""
+    _check_space(store, space)
+    vec = project_image(img, space, encoder, models, device)
+    nbrs = search_vectors(store, vec, k=k, space=space)[0]
+    return QueryResult(name, nbrs, breed_votes(nbrs))
 
 
 def _check_space(store: Store, space: str) -> None:

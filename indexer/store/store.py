@@ -144,6 +144,7 @@ class Store:
         self._sparsity: pd.DataFrame | None = None
         self._sparsity_ids: dict[str, set[str]] = {}
         self._session_fids: np.ndarray | None = None
+        self._by_faiss: tuple[pd.DataFrame, pd.DataFrame] | None = None  # (images, images by faiss_id)
         self._reset_pending()
 
     def _reset_pending(self) -> None:
@@ -343,6 +344,14 @@ class Store:
             return base
         return pd.concat([base, *self._new_images], ignore_index=True) if len(base) else pd.concat(
             self._new_images, ignore_index=True)
+
+    def images_by_faiss_id(self) -> pd.DataFrame:
+        """:attr:`images` indexed by ``faiss_id``, built once per version of the table: every search maps its hits
+        through it, and building it costs ~0.1 s a million rows (a server answers many searches per version)."""
+        df = self.images
+        if self._by_faiss is None or self._by_faiss[0] is not df:
+            self._by_faiss = (df, df.set_index("faiss_id"))
+        return self._by_faiss[1]
 
     def image_ids(self) -> list[str]:
         """Every image id (reads only the id column: cheap even at millions of rows)."""
