@@ -231,8 +231,7 @@ def query_ids(
     """
     _check_space(store, space)
     sp = store.space(space)
-    row_of = {image_id: i for i, image_id in enumerate(sp.ids)}
-    sorted_ids = sorted(row_of)
+    row_of, sorted_ids = sp.row_of, sp.sorted_ids
     results: list[QueryResult] = []
     found: list[tuple[int, str]] = []  # (position in ids, full id) of the ids that resolved
     for pos, given in enumerate(ids):

@@ -93,6 +93,16 @@ class Space:
     def dim(self) -> int:
         return int(self.vectors.shape[1])
 
+    @functools.cached_property
+    def row_of(self) -> dict[str, int]:
+        """Row of each id (built once per Space: a server looks ids up on every request)."""
+        return {image_id: row for row, image_id in enumerate(self.ids)}
+
+    @functools.cached_property
+    def sorted_ids(self) -> list[str]:
+        """The ids in sorted order, for prefix lookups (built once per Space)."""
+        return sorted(self.ids)
+
 
 def unit_rows(vectors: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (zero rows stay zero): spaces stored raw (a VAE's mu) are searched by cosine."""
