@@ -289,7 +289,7 @@ def _positions(seeds: np.ndarray, salt: int, units: int, n: int) -> np.ndarray:
 
 def _memory_offsets(acts: torch.Tensor, logical: np.ndarray) -> torch.Tensor:
     """Offsets (relative to each image's first entry) of NCHW-order positions, through the tensor's strides."""
-    c, h, w = (tuple(acts.shape[1:]) + (0, 0, 0))[:3]
+    c, h, w = (*acts.shape[1:], 0, 0, 0)[:3]
     if acts.dim() == 4 and tuple(acts.stride()[1:]) == (1, w * c, c):
         # Channels-last, the CPU layout of every CNN encoder here: (c, hw) -> hw * C + c in two operations
         # instead of the loop's twelve (this ran for every layer shape of every batch).
