@@ -324,16 +324,16 @@ TRAIN = Command("train", "train the mapper or the VAE on a store", _conf_train, 
 
 # ---------------------------------------------------------------------------------------------------- serve
 def _conf_serve(p: argparse.ArgumentParser) -> None:
-    from analysis.server import MAX_UPLOAD_BYTES, TOKEN_ENV
-
+    # Constants from defaults, not analysis.server: building the parser must not import fastapi, torch or faiss.
+    token_env = defaults.SERVE_TOKEN_ENV
     p.add_argument("store", type=Path, help="the store to serve")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; another address needs a token)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="server processes, each with the store loaded")
     p.add_argument("--token", default=None,
-                   help=f"require 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV} when set)")
-    p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_BYTES / 2**20,
+                   help=f"require 'Authorization: Bearer TOKEN' (default: ${token_env} when set)")
+    p.add_argument("--max-upload-mb", type=float, default=defaults.SERVE_MAX_UPLOAD_MB,
                    help="largest accepted upload in MiB (default %(default)s)")
     p.add_argument("--device", default="cpu", help="where query photos are embedded (default cpu)")
 

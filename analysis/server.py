@@ -35,10 +35,10 @@ from indexer.images import ImageError, decode_image
 from indexer.latents import TrainedModels, load_trained_models
 from indexer.store import Store, StoreError, schema
 
-MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # default upload limit (--max-upload-mb)
+MAX_UPLOAD_BYTES = int(defaults.SERVE_MAX_UPLOAD_MB * 2**20)
 MAX_K = 1000
 THUMB_SIDE = 256
-TOKEN_ENV = "MAMMALS_SERVE_TOKEN"
+TOKEN_ENV = defaults.SERVE_TOKEN_ENV
 
 
 @dataclass
@@ -51,6 +51,7 @@ class _State:
     models: TrainedModels | None
     device: torch.device
     sorted_ids: list[str]  # for id prefixes (analysis.neighbours._resolve_id)
+    by_id: Any  # pandas.DataFrame: the images table indexed by id (built once per version, not per request)
 
 
 def _manifest_key(path: Path) -> tuple[int, int]:
@@ -78,7 +79,8 @@ class StoreService:
         for space in store.space_names():
             store.vector_index(space)  # open every index now, not in the first request that needs it
         store.images_by_faiss_id()
-        return _State(key, store, encoder, models, self.device, sorted(store.images["id"]))
+        images = store.images
+        return _State(key, store, encoder, models, self.device, sorted(images["id"]), images.set_index("id"))
 
     def current(self) -> _State:
         state = self._state
@@ -269,7 +271,7 @@ def create_app(store_path: Path, *, token: str | None = None, max_upload_bytes: 
         """An indexed photo's metadata row (labels, size, source path, when indexed)."""
         state = service.current()
         full = resolve(state, image_id)
-        row = state.store.images.set_index("id").loc[full]
+        row = state.by_id.loc[full]
         return {"id": full, **{str(c): _finite(v) for c, v in row.items()}}
 
     @api.get("/thumbnails/{image_id}", response_class=Response,
@@ -282,7 +284,7 @@ def create_app(store_path: Path, *, token: str | None = None, max_upload_bytes: 
 
         state = service.current()
         full = resolve(state, image_id)
-        path = str(state.store.images.set_index("id").loc[full, "path"])
+        path = str(state.by_id.loc[full, "path"])
         img = make_thumbnail(path, side)
         if isinstance(img, str):
             raise HTTPException(404, f"indexed photo {full[:12]} cannot be read now: {img}")

@@ -78,3 +78,7 @@ VECTOR_BUILD_CHUNK_ROWS = 100_000
 # Single-query latency is sampled for at most this many seconds per measurement (exact search of 100k x 1280
 # takes ~0.1 s a query, so 200 queries would make every optimize of a large flat space slow).
 VECTOR_LATENCY_SECONDS = 3.0
+
+# `mammals serve`: largest accepted upload, and the environment variable that holds its bearer token.
+SERVE_MAX_UPLOAD_MB = 20.0
+SERVE_TOKEN_ENV = "MAMMALS_SERVE_TOKEN"

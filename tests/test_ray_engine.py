@@ -155,3 +155,27 @@ def test_cli_takes_file_urls_and_refuses_other_schemes(local_ray: None, tmp_path
     assert "s3:// URLs are not read directly; mount the storage" in capsys.readouterr().err
     assert cli(["index", str(photos), "--store", str(store), "--concurrency", "2", "-q"]) == 2
     assert "need --engine ray" in capsys.readouterr().err
+
+
+def test_pixels_cross_the_object_store_as_uint8_and_give_the_same_tensors() -> None:
+    import torch
+    from PIL import Image
+
+    from indexer.encoders import load_encoder
+    from indexer.engines.ray_data import split_transform
+    from indexer.models.vae import vae_transform
+
+    for transform in (load_encoder("efficientnet-lite0").preprocess, vae_transform(64)):
+        ship, finish = split_transform(transform)
+        for path in sorted(PETS.rglob("*.jpg"))[:3]:
+            with Image.open(path) as img:
+                img.load()
+                shipped = ship(img)
+                assert shipped.dtype == torch.uint8
+                assert torch.equal(finish(shipped.unsqueeze(0))[0], transform(img))  # bit for bit
+
+    def not_a_compose(img: object) -> torch.Tensor:
+        return torch.zeros(3, 2, 2)
+
+    ship, finish = split_transform(not_a_compose)
+    assert ship is not_a_compose and torch.equal(finish(torch.ones(1, 3, 2, 2)), torch.ones(1, 3, 2, 2))

@@ -9,7 +9,8 @@ writes the store, so a retried task or a restarted actor (Ray retries both) can 
 already has (content-hash ids), and a killed run resumes from what the driver last committed.
 
 Columns crossing stages are plain bytes (tensors, vectors, sparsity values) plus strings and numbers, so every
-block has the same schema whatever its photos (a batch without one good photo included). Paths must be readable
+block has the same schema whatever its photos (a batch without one good photo included). Pixels travel as uint8
+and are converted and normalised in the model stage (:func:`split_transform`). Paths must be readable
 at the same place on every node (shared storage).
 """
 
@@ -44,6 +45,33 @@ _RESULT_COLUMNS = ("index", "status", "id", "width", "height", "reason")
 _BATCHES_PER_BLOCK = 4
 
 
+class ToFloat:
+    """uint8 ``(..., C, H, W)`` -> float32 in [0, 1]: what ``ToTensor`` does after ``PILToTensor``, bit for bit."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.float32).div(255)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def split_transform(transform: Any) -> tuple[Any, Any]:
+    """(photo -> transported tensor, transported batch -> model input) for one preprocessing.
+
+    A torchvision ``Compose`` with one ``ToTensor`` is cut there: the decode stage ships uint8 pixels (a quarter
+    of float32's bytes through Ray's object store) and the model stage converts and normalises the whole batch,
+    with the same arithmetic ``ToTensor`` and ``Normalize`` do on one image. Any other preprocessing ships its
+    float32 output unchanged (the second part is the identity)."""
+    from torchvision.transforms import Compose, PILToTensor, ToTensor
+
+    steps = list(getattr(transform, "transforms", []))
+    cuts = [i for i, step in enumerate(steps) if isinstance(step, ToTensor)]
+    if not isinstance(transform, Compose) or len(cuts) != 1:
+        return transform, Compose([])
+    i = cuts[0]
+    return Compose([*steps[:i], PILToTensor()]), Compose([ToFloat(), *steps[i + 1:]])
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What a model actor needs to rebuild the driver's ShardRunner (pickled to every actor)."""
@@ -55,6 +83,7 @@ class ModelSpec:
     plan: RunPlan
     gpu: bool
     threads: int
+    finish: dict[str, Any]  # per transform name: the batch part of split_transform
 
 
 def _result_columns(results: list[FileResult]) -> dict[str, np.ndarray]:
@@ -91,14 +120,15 @@ class DecodeStage:
         for name in self.transforms:
             tensor = out.tensors.get(name)
             rows = np.full(len(items), b"", dtype=object)
-            shape = ""
+            shape, dtype = "", ""
             if tensor is not None:
                 arr = tensor.numpy()
-                shape = ",".join(str(d) for d in arr.shape[1:])
+                shape, dtype = ",".join(str(d) for d in arr.shape[1:]), arr.dtype.str
                 for j, k in enumerate(ok):
                     rows[k] = arr[j].tobytes()
             cols[f"t:{name}"] = rows
             cols[f"shape:{name}"] = np.full(len(items), shape, dtype=object)
+            cols[f"dtype:{name}"] = np.full(len(items), dtype, dtype=object)
         return cols
 
 
@@ -112,6 +142,7 @@ class ModelStage:
         enc = load_encoder(spec.encoder, device=str(device), precision=spec.precision)
         models = load_trained_models(Store.open(Path(spec.store)), device) if spec.models else TrainedModels()
         self.plan = spec.plan
+        self.finish = spec.finish
         self.runner = ShardRunner(enc, models, spec.plan, device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -122,8 +153,9 @@ class ModelStage:
             if col.startswith("t:") and ok:
                 name = col[2:]
                 shape = tuple(int(d) for d in str(batch[f"shape:{name}"][ok[0]]).split(","))
-                flat = np.stack([np.frombuffer(batch[col][k], dtype=np.float32) for k in ok])
-                tensors[name] = torch.from_numpy(flat.reshape(len(ok), *shape))
+                dtype = np.dtype(str(batch[f"dtype:{name}"][ok[0]]))
+                flat = np.stack([np.frombuffer(batch[col][k], dtype=dtype) for k in ok])
+                tensors[name] = self.finish[name](torch.from_numpy(flat.reshape(len(ok), *shape)))
         out = self.runner(Batch(results, tensors))
         cols = _result_columns(results)
         n = len(results)
@@ -181,16 +213,18 @@ def ray_outputs(paths: list[str], runner: ShardRunner, known: frozenset[str], ti
         ctx.enable_progress_bars = progress
         enc = runner.enc
         transforms = shard_transforms(enc, runner.models, runner.plan)
+        split = {name: split_transform(t) for name, t in transforms.items()}
         spec = ModelSpec(enc.name, _PRECISION.get(enc.autocast, "fp32"), str(store_path),
                          bool(runner.models.available()), runner.plan,
-                         engine.num_gpus_per_worker > 0, engine.threads_per_worker)
+                         engine.num_gpus_per_worker > 0, engine.threads_per_worker,
+                         {name: finish for name, (_, finish) in split.items()})
         blocks = max(1, math.ceil(len(paths) / (batch_size * _BATCHES_PER_BLOCK)))
         items = [{"index": i, "path": p} for i, p in enumerate(paths)]
         ds: Any = ray.data.from_items(items, override_num_blocks=blocks)
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         # Actor pools: Ray Data restarts a dead actor and retries its batches (max_restarts / max_task_retries
         # default to -1 for them), which is what makes a killed worker harmless.
-        ds = ds.map_batches(DecodeStage, fn_constructor_args=(transforms, known,
+        ds = ds.map_batches(DecodeStage, fn_constructor_args=({name: ship for name, (ship, _) in split.items()}, known,
                                                               decode_side(enc, runner.models, transforms)),
                             batch_size=batch_size, batch_format="numpy", num_cpus=1,
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus))
