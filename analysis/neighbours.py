@@ -165,7 +165,7 @@ def encoder_for_store(store: Store, device: str = "cpu", given: Encoder | None =
 def query_images(store: Store, images: Sequence[Path], *, k: int = defaults.K, space: str = schema.ENCODER_SPACE,
                  encoder: Encoder | None = None, device: str = "auto") -> list[QueryResult]:
     """Project each query photo into ``space`` with the store's own models; return neighbours and breed votes."""
-    _check_space(store, space)
+    check_space(store, space)
     dev = resolve_device(device)
     encoder = encoder_for_store(store, str(dev), encoder)
     models = load_trained_models(store, dev) if space != schema.ENCODER_SPACE else None
@@ -185,13 +185,14 @@ def query_image(store: Store, name: str, img: Image.Image, *, k: int, space: str
                 models: TrainedModels | None, device: torch.device) -> QueryResult:
     """One decoded photo's neighbours and breed votes, with models the caller holds (``mammals serve`` loads them
     once); ``name`` is what the result calls the query."""
-    _check_space(store, space)
+    check_space(store, space)
     vec = project_image(img, space, encoder, models, device)
     nbrs = search_vectors(store, vec, k=k, space=space)[0]
     return QueryResult(name, nbrs, breed_votes(nbrs))
 
 
-def _check_space(store: Store, space: str) -> None:
+def check_space(store: Store, space: str) -> None:
+    """A StoreError naming the spaces there are, when ``space`` is not one of the store's."""
     if space not in store.space_names():
         raise StoreError(f"{store.path}: no space {space!r} (spaces: {', '.join(store.space_names())}; "
                          "train a model and run `mammals index` to add its spaces)")
@@ -200,7 +201,7 @@ def _check_space(store: Store, space: str) -> None:
 MIN_ID_PREFIX = 6
 
 
-def _resolve_id(sorted_ids: list[str], prefix: str) -> tuple[str, str]:
+def resolve_id(sorted_ids: list[str], prefix: str) -> tuple[str, str]:
     """``(full id, "")`` for a full id or a unique prefix of at least ``MIN_ID_PREFIX`` characters; else
     ``("", why)``."""
     i = bisect.bisect_left(sorted_ids, prefix)
@@ -229,13 +230,13 @@ def query_ids(
     first (similarity 1); with it the k others are returned, which is what a "nearest breeds" vote about an indexed
     photo should count.  An unknown or ambiguous id is an error in its result, not an exception.
     """
-    _check_space(store, space)
+    check_space(store, space)
     sp = store.space(space)
     row_of, sorted_ids = sp.row_of, sp.sorted_ids
     results: list[QueryResult] = []
     found: list[tuple[int, str]] = []  # (position in ids, full id) of the ids that resolved
     for pos, given in enumerate(ids):
-        image_id, problem = _resolve_id(sorted_ids, given.strip().lower())
+        image_id, problem = resolve_id(sorted_ids, given.strip().lower())
         results.append(QueryResult(given, error=None if image_id else f"{problem} in space {space!r}", kind="id"))
         if image_id:
             found.append((pos, image_id))
@@ -298,7 +299,7 @@ def query_photo_bytes(
     the indexer's safe decoder; bytes that are not a usable image give a result with ``error`` set."""
     from indexer.images import decode_image
 
-    _check_space(store, space)
+    check_space(store, space)
     try:
         img = decode_image(data, name)
     except ImageError as e:

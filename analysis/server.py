@@ -50,7 +50,7 @@ class _State:
     encoder: Encoder
     models: TrainedModels | None
     device: torch.device
-    sorted_ids: list[str]  # for id prefixes (analysis.neighbours._resolve_id)
+    sorted_ids: list[str]  # for id prefixes (analysis.neighbours.resolve_id)
     by_id: Any  # pandas.DataFrame: the images table indexed by id (built once per version, not per request)
 
 
@@ -142,11 +142,12 @@ def create_app(store_path: Path, *, token: str | None = None, max_upload_bytes: 
     from analysis.neighbours import (
         QUERY_JSON_SCHEMA,
         QueryResult,
-        _resolve_id,
         breed_votes,
+        check_space,
         query_ids,
         query_image,
         query_texts,
+        resolve_id,
         search_vectors,
     )
 
@@ -178,12 +179,8 @@ def create_app(store_path: Path, *, token: str | None = None, max_upload_bytes: 
         return {"schema": QUERY_JSON_SCHEMA, "store": str(store_path), "space": space,
                 "encoder": state.store.encoder["name"], "k": k, "results": [r.as_dict() for r in results]}
 
-    def check_space(state: _State, space: str) -> None:
-        if space not in state.store.space_names():
-            raise HTTPException(400, f"no space {space!r} (spaces: {', '.join(state.store.space_names())})")
-
     def resolve(state: _State, image_id: str) -> str:
-        full, problem = _resolve_id(state.sorted_ids, image_id.strip().lower())
+        full, problem = resolve_id(state.sorted_ids, image_id.strip().lower())
         if not full:
             raise HTTPException(404, problem)
         return full
@@ -217,7 +214,7 @@ def create_app(store_path: Path, *, token: str | None = None, max_upload_bytes: 
             raise HTTPException(413, f"upload larger than {max_upload_bytes} bytes")
         name = file.filename or "upload"
         state = service.current()
-        check_space(state, space)
+        check_space(state.store, space)  # a StoreError: 400 through the handler above
         try:
             img = decode_image(data, name)
         except ImageError as e:
@@ -241,7 +238,7 @@ def create_app(store_path: Path, *, token: str | None = None, max_upload_bytes: 
     def query_vector(body: VectorQuery) -> dict[str, Any]:
         """Nearest indexed photos of vectors already in a space (cosine; they need not be normalised)."""
         state = service.current()
-        check_space(state, body.space)
+        check_space(state.store, body.space)
         dim = int(state.store.manifest["spaces"][body.space]["dim"])
         if any(len(v) != dim for v in body.vectors):  # before numpy, which refuses ragged lists with a ValueError
             raise HTTPException(422, f"vectors: space {body.space!r} has {dim} dimensions")
@@ -260,7 +257,7 @@ def create_app(store_path: Path, *, token: str | None = None, max_upload_bytes: 
                    space: str = schema.ENCODER_SPACE, include_self: bool = False) -> dict[str, Any]:
         """Nearest photos of an indexed photo, by id or a unique prefix of 6+ characters."""
         state = service.current()
-        check_space(state, space)
+        check_space(state.store, space)  # a StoreError: 400 through the handler above
         (result,) = query_ids(state.store, [image_id], k=k, space=space, exclude_self=not include_self)
         if result.error:
             raise HTTPException(404, result.error)

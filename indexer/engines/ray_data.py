@@ -32,7 +32,7 @@ import torch
 from indexer.encoders import load_encoder, resolve_device
 from indexer.engines import EngineOptions
 from indexer.extract import Batch, FileResult, PhotoDataset, StageTimes, collate
-from indexer.latents import TrainedModels, load_trained_models
+from indexer.latents import ENCODER, MAPPER, VAE, TrainedModels, load_trained_models
 from indexer.runtime import keep_freed_memory
 from indexer.shard import RunPlan, ShardOutput, ShardRunner, decode_side, shard_transforms
 from indexer.store import Store
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 _PRECISION = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _RESULT_COLUMNS = ("index", "status", "id", "width", "height", "reason")
+_MODELS = (ENCODER, MAPPER, VAE)  # forward seconds travel per model
 # Blocks of this many batches: enough blocks for every decode task slot of a cluster, few enough to stay cheap.
 _BATCHES_PER_BLOCK = 4
 
@@ -171,7 +172,7 @@ class ModelStage:
                 rows[k] = np.ascontiguousarray(values[j], dtype=np.float64).tobytes()
             cols[f"s:{model}"] = rows
             cols[f"layers:{model}"] = np.array([json.dumps(names) if k == 0 else "" for k in range(n)], dtype=object)
-        for model in ("encoder", "mapper", "vae"):
+        for model in _MODELS:
             cols[f"fwd:{model}"] = np.array([out.forward_seconds.get(model, 0.0) if k == 0 else 0.0
                                              for k in range(n)], dtype=np.float64)
         return cols
@@ -188,7 +189,7 @@ def _shard_output(batch: Mapping[str, np.ndarray], paths: list[str], plan: RunPl
         if ok and names:
             values = np.stack([np.frombuffer(batch[f"s:{model}"][k], dtype=np.float64) for k in ok])
             sparsity[model] = (names, values.reshape(len(ok), len(names), -1))
-    seconds = {m: float(np.sum(batch[f"fwd:{m}"])) for m in ("encoder", "mapper", "vae")}
+    seconds = {m: float(np.sum(batch[f"fwd:{m}"])) for m in _MODELS}
     return ShardOutput(results, vectors, sparsity, {m: s for m, s in seconds.items() if s})
 
 
