@@ -23,31 +23,33 @@ log = logging.getLogger(__name__)
 # <malloc.h>
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-_M_ARENA_MAX = -8
 _KEEP_BYTES = 1 << 30  # freed heap memory kept for reuse before any is given back
+
+# Environment for a process whose forward passes run off its main thread: glibc reads it at start-up, and every
+# thread then allocates from the main arena (see keep_freed_memory).
+SINGLE_ARENA_ENV = {"MALLOC_ARENA_MAX": "1"}
 
 _done = False
 
 
-def keep_freed_memory(*, single_arena: bool = False) -> bool:
+def keep_freed_memory() -> bool:
     """Make glibc's malloc reuse freed memory instead of unmapping it (once per process). Returns whether the
     setting is in effect: False off glibc (macOS, musl), where nothing changes.
 
-    ``single_arena``: for a process whose forward passes run on a thread other than the main one (a Ray Data actor
-    runs its batches on one). Such a thread allocates from its own arena, whose heaps are at most 64 MB, so a
-    bigger tensor is mmap'd and unmapped again whatever M_MMAP_MAX says: there the forward pass ran at 50-63
-    img/s instead of 166-178 with one arena. Not the default, because with one arena the main thread's forward
-    pass ran at 178 instead of 220 img/s (the other threads' small allocations then share its lock)."""
+    This covers forward passes on the main thread. A thread other than the main one allocates from its own arena,
+    whose heaps are at most 64 MB, so a bigger tensor is mmap'd and unmapped again whatever M_MMAP_MAX says (a
+    forward pass on such a thread ran at 50-63 img/s instead of 166-178). Setting M_ARENA_MAX here does not help a
+    thread that already has its arena; a process that runs its model on another thread (a Ray Data actor) gets
+    :data:`SINGLE_ARENA_ENV` at start-up instead. Not set for `mammals index` itself: with one arena the main
+    thread's forward pass ran at 178 instead of 220 img/s (the other threads' small allocations share its lock)."""
     global _done
-    if _done and not single_arena:
+    if _done:
         return True
     if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES) == 1
-        if ok and single_arena:
-            ok = libc.mallopt(_M_ARENA_MAX, 1) == 1
     except (OSError, AttributeError):  # no libc to load, or one without mallopt (musl)
         return False
     if not ok:

@@ -33,7 +33,7 @@ from indexer.encoders import load_encoder, resolve_device
 from indexer.engines import EngineOptions
 from indexer.extract import Batch, FileResult, PhotoDataset, StageTimes, collate
 from indexer.latents import ENCODER, MAPPER, VAE, TrainedModels, load_trained_models
-from indexer.runtime import keep_freed_memory
+from indexer.runtime import SINGLE_ARENA_ENV, keep_freed_memory
 from indexer.shard import RunPlan, ShardOutput, ShardRunner, decode_side, shard_transforms
 from indexer.store import Store
 
@@ -137,7 +137,7 @@ class ModelStage:
     """Actor stage: the run's ShardRunner over decoded batches -> vectors and sparsity values (bytes per row)."""
 
     def __init__(self, spec: ModelSpec) -> None:
-        keep_freed_memory(single_arena=True)  # Ray Data runs the batches on a thread of the actor
+        keep_freed_memory()  # with SINGLE_ARENA_ENV (set at the actor's start) it covers Ray Data's batch thread
         torch.set_num_threads(spec.threads or os.cpu_count() or 1)
         device = resolve_device("cuda" if spec.gpu else "cpu")
         enc = load_encoder(spec.encoder, device=str(device), precision=spec.precision)
@@ -232,10 +232,8 @@ def ray_outputs(paths: list[str], runner: ShardRunner, known: frozenset[str], ti
         ds = ds.map_batches(ModelStage, fn_constructor_args=(spec,), batch_size=batch_size, batch_format="numpy",
                             num_cpus=1, num_gpus=engine.num_gpus_per_worker or None,
                             compute=ray.data.ActorPoolStrategy(size=engine.concurrency),
-                            # glibc reads it at process start: every thread allocates from the main arena, so the
-                            # forward pass, which Ray Data runs on a thread of the actor, reuses its memory
-                            # (indexer/runtime.py, keep_freed_memory).
-                            runtime_env={"env_vars": {"MALLOC_ARENA_MAX": "1"}})
+                            # Ray Data runs the forward pass on a thread of the actor (indexer/runtime.py says why).
+                            runtime_env={"env_vars": SINGLE_ARENA_ENV})
         it = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
         while True:
             t0 = time.perf_counter()
