@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
 import numpy as np
-import pandas as pd
 import torch
 from PIL import Image
 
@@ -65,10 +64,6 @@ class QueryResult:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _none_if_na(v: Any) -> Any:
-    return None if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA else v
 
 
 L = TypeVar("L", bound=Hashable)
@@ -136,18 +131,18 @@ def search_vectors(
     if kk == 0:
         return [[] for _ in range(len(vectors))]
     sims, fids = index.search(unit_rows(vectors), kk)
-    by_fid = store.images_by_faiss_id()
+    lookup = store.image_lookup()
+    rows = lookup.positions(fids).reshape(fids.shape)
     out: list[list[Neighbour]] = []
-    for row, (row_sims, row_fids) in enumerate(zip(sims, fids, strict=True)):
+    for q, (row_sims, row_pos) in enumerate(zip(sims, rows, strict=True)):
         found = []
-        for s, f in zip(row_sims, row_fids, strict=True):
-            if f < 0:
+        for s, p in zip(row_sims.tolist(), row_pos.tolist(), strict=True):
+            if p < 0:  # padding (fewer rows than k), or an index row the images table lacks
                 continue
-            img = by_fid.loc[int(f)]
-            if exclude_ids is not None and img["id"] == exclude_ids[row]:
+            image_id = str(lookup.id[p])
+            if exclude_ids is not None and image_id == exclude_ids[q]:
                 continue
-            found.append(Neighbour(0, str(img["id"]), str(img["path"]), _none_if_na(img["species"]),
-                                   _none_if_na(img["breed"]), float(s)))
+            found.append(Neighbour(0, image_id, str(lookup.path[p]), lookup.species[p], lookup.breed[p], s))
         for r, n in enumerate(found[:k], start=1):
             n.rank = r
         out.append(found[:k])
@@ -231,8 +226,7 @@ def query_ids(
     photo should count.  An unknown or ambiguous id is an error in its result, not an exception.
     """
     check_space(store, space)
-    sp = store.space(space)
-    row_of, sorted_ids = sp.row_of, sp.sorted_ids
+    sorted_ids = store.sorted_space_ids(space)
     results: list[QueryResult] = []
     found: list[tuple[int, str]] = []  # (position in ids, full id) of the ids that resolved
     for pos, given in enumerate(ids):
@@ -242,7 +236,8 @@ def query_ids(
             found.append((pos, image_id))
     if found:  # one search for all of them
         hits = [image_id for _, image_id in found]
-        vectors = sp.vectors[[row_of[image_id] for image_id in hits]]
+        # From the index files, not store.space(): a million-row space is 5 GB in memory, one row is 5 kB.
+        vectors = store.vector_index(space).vectors_of([schema.faiss_id_of(i) for i in hits])
         for (pos, _), nbrs in zip(found, search_vectors(store, vectors, k=k, space=space,
                                                         exclude_ids=hits if exclude_self else None), strict=True):
             results[pos] = QueryResult(ids[pos], nbrs, breed_votes(nbrs), kind="id")

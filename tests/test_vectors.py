@@ -207,6 +207,21 @@ def test_build_forced_ivf_and_back_to_flat(tmp_path: Path) -> None:
     vx.check(tmp_path / "ivf", flat, ids)
 
 
+@pytest.mark.parametrize("mmap", [False, True])
+def test_vectors_of_reads_rows_by_id_from_every_kind_of_part(tmp_path: Path, mmap: bool) -> None:
+    flat, ids, x = append_batches(tmp_path / "flat", [300, 200])
+    ivf_dir = tmp_path / "ivf"
+    ivf = vx.build(ivf_dir, ids[:400], x[:400], kind="ivf")  # an on-disk segment
+    ivf = vx.append_rows(ivf_dir, ivf, ids[400:], x[400:])  # and a small one: two parts when mapped, one if not
+    pick = np.random.default_rng(0).permutation(len(ids))[:50]
+    for directory, entry in ((tmp_path / "flat", flat), (ivf_dir, ivf)):
+        index = SearchIndex.open(directory, entry, mmap=mmap)
+        np.testing.assert_allclose(index.vectors_of(ids[pick]), unit(x[pick]), rtol=0, atol=1e-6)
+        assert index.vectors_of([]).shape == (0, DIM)
+        with pytest.raises(KeyError, match="no row with faiss id 5"):
+            index.vectors_of([ids[0], 5])
+
+
 # ------------------------------------------------------------------------------------------------ damage
 
 

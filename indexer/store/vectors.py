@@ -63,6 +63,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -352,6 +353,8 @@ class SearchIndex:
         self.heap_bytes = 0
         self.mapped_bytes = 0
         self._gpu: list[Any] | None = None  # GPU copies of the flat segments (built at the first search)
+        self._where: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None  # see _locations
+        self._where_lock = threading.Lock()
 
     # -- opening
 
@@ -512,12 +515,12 @@ class SearchIndex:
         """Brute-force top-k over every stored row (any kind): the ground truth for recall."""
         q = _unit(queries, self.dim)
         best = (np.full((len(q), 0), _PAD_SIM, np.float32), np.full((len(q), 0), -1, np.int64))
-        for ids, vecs in self._blocks(_EXACT_CHUNK_ROWS):
+        for ids, vecs in self.iter_rows(_EXACT_CHUNK_ROWS):
             sims, pos = faiss.knn(q, vecs, min(k, len(ids)), metric=faiss.METRIC_INNER_PRODUCT)
             best = _merge_top([best, (sims, np.where(pos >= 0, ids[np.maximum(pos, 0)], -1))], len(q), k)
         return _merge_top([best], len(q), k)
 
-    def _blocks(self, chunk_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def iter_rows(self, chunk_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, unit vectors) of every stored row, in blocks of up to ``chunk_rows`` (views where possible)."""
         for _, ids, vecs in self._flat:
             for start in range(0, len(ids), chunk_rows):
@@ -560,6 +563,52 @@ class SearchIndex:
         if not out_ids:
             return np.empty(0, np.int64), np.empty((0, self.dim), np.float32)
         return np.concatenate(out_ids), np.concatenate(out_vecs)
+
+    def _locations(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(sorted faiss ids, part, list number or -1 for a flat segment, row in that list or segment) of every
+        stored row; built on first use (~30 MB and well under a second for a million rows) and kept."""
+        with self._where_lock:  # a server asks from many threads at once: build it once
+            if self._where is None:
+                ids, part, lists, rows = [], [], [], []
+                for p, (_, seg_ids, _) in enumerate(self._flat):
+                    n = len(seg_ids)
+                    ids.append(seg_ids)
+                    part.append(np.full(n, p, np.int32))
+                    lists.append(np.full(n, -1, np.int32))
+                    rows.append(np.arange(n, dtype=np.int32))
+                for p, ivf in enumerate(self._ivf):
+                    for list_no in range(ivf.nlist):
+                        n = int(ivf.invlists.list_size(list_no))
+                        if n:
+                            ids.append(faiss.rev_swig_ptr(ivf.invlists.get_ids(list_no), n).astype(np.int64))
+                            part.append(np.full(n, p, np.int32))
+                            lists.append(np.full(n, list_no, np.int32))
+                            rows.append(np.arange(n, dtype=np.int32))
+                if not ids:
+                    empty = np.empty(0, np.int32)
+                    self._where = (np.empty(0, np.int64), empty, empty, empty)
+                else:
+                    all_ids = np.concatenate(ids)
+                    order = np.argsort(all_ids, kind="stable")
+                    self._where = (all_ids[order], np.concatenate(part)[order], np.concatenate(lists)[order],
+                                   np.concatenate(rows)[order])
+            return self._where
+
+    def vectors_of(self, faiss_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The stored (unit) vectors of rows by faiss id, read from the index files: a reader of a million-row
+        space fetches one row without loading the space's 5 GB table.  A ``KeyError`` names an id not stored."""
+        wanted = np.asarray(faiss_ids, dtype=np.int64).reshape(-1)
+        sorted_ids, part, lists, rows = self._locations()
+        pos = np.minimum(np.searchsorted(sorted_ids, wanted), max(len(sorted_ids) - 1, 0))
+        out = np.empty((len(wanted), self.dim), np.float32)
+        for i, (fid, p) in enumerate(zip(wanted, pos, strict=True)):
+            if not len(sorted_ids) or sorted_ids[p] != fid:
+                raise KeyError(f"{self.directory}: no row with faiss id {int(fid)}")
+            if lists[p] < 0:
+                out[i] = self._flat[part[p]][2][rows[p]]
+            else:
+                out[i] = _list_arrays(self._ivf[part[p]].invlists, int(lists[p]), self.dim)[1][rows[p]]
+        return out
 
     def all_ids(self) -> list[np.ndarray]:
         """The ids of each opened part (flat segments, or IVF parts), for ``check``."""
@@ -838,7 +887,7 @@ def optimize(directory: Path, entry: Mapping[str, Any], *, sample: Callable[[int
     if target != current or retrain:
         if target == "flat":
             segs = [_write_flat_segment(directory, ids, np.ascontiguousarray(vecs))
-                    for ids, vecs in _rechunk(index._blocks(_EXACT_CHUNK_ROWS), defaults.VECTOR_BUILD_CHUNK_ROWS)]
+                    for ids, vecs in _rechunk(index.iter_rows(_EXACT_CHUNK_ROWS), defaults.VECTOR_BUILD_CHUNK_ROWS)]
             new = _empty_entry("flat", dim)
             new.update(rows=rows, segments=segs)
         else:
@@ -847,7 +896,7 @@ def optimize(directory: Path, entry: Mapping[str, Any], *, sample: Callable[[int
                 return index.sample_rows(n)[1]
 
             train, nlist = _train_sample(rows, sample, rows_of_index, dim)
-            new = _build_ivf(directory, dim, rows, index._blocks(_EXACT_CHUNK_ROWS), train, nlist)
+            new = _build_ivf(directory, dim, rows, index.iter_rows(_EXACT_CHUNK_ROWS), train, nlist)
     else:
         new = _merge_small_segments(directory, new)
     return _tune_and_measure(directory, new, queries)
@@ -865,7 +914,7 @@ def _merge_small_segments(directory: Path, entry: dict[str, Any]) -> dict[str, A
     merged_from = SearchIndex.open(directory, part, mmap=True)
     digest = f"{sum(int(segs[i]['ids_digest'], 16) for i in small) % 2**64:016x}"
     if entry["kind"] == "flat":
-        ids, vecs = next(_rechunk(merged_from._blocks(_EXACT_CHUNK_ROWS), 2**62))
+        ids, vecs = next(_rechunk(merged_from.iter_rows(_EXACT_CHUNK_ROWS), 2**62))
         merged = _write_flat_segment(directory, ids, np.ascontiguousarray(vecs))
     else:
         template = directory / entry["template"]["file"]
