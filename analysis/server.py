@@ -13,11 +13,13 @@ range and malformed bodies (422). With a token, every endpoint but ``/healthz`` 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import io
 import math
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -50,8 +52,15 @@ class _State:
     encoder: Encoder
     models: TrainedModels | None
     device: torch.device
-    sorted_ids: list[str]  # for id prefixes (analysis.neighbours.resolve_id)
-    by_id: Any  # pandas.DataFrame: the images table indexed by id (built once per version, not per request)
+    sorted_ids: list[str]  # every image id, sorted: for id prefixes (analysis.neighbours.resolve_id)
+
+
+def image_row(state: _State, image_id: str) -> dict[str, Any]:
+    """An image's row from the frame searches already use: one frame of the images table per version, not a
+    second one indexed by id (a million rows are ~0.5 GB each)."""
+    lookup = state.store.image_lookup()
+    row = lookup.frame.iloc[int(lookup.positions([schema.faiss_id_of(image_id)])[0])]
+    return {str(c): v for c, v in row.items()}
 
 
 def _manifest_key(path: Path) -> tuple[int, int]:
@@ -76,11 +85,11 @@ class StoreService:
         # The encoder never changes within a store (it is checked against the store's record); models may.
         encoder = old.encoder if old is not None else encoder_for_store(store, str(self.device))
         models = load_trained_models(store, self.device) if store.manifest.get("models") else None
-        for space in store.space_names():
-            store.vector_index(space)  # open every index now, not in the first request that needs it
-        store.images_by_faiss_id()
-        images = store.images
-        return _State(key, store, encoder, models, self.device, sorted(images["id"]), images.set_index("id"))
+        for space in store.space_names():  # open every index now, not in the first request that needs it
+            store.vector_index(space).vectors_of([])  # and its id lookup (neighbours of an indexed photo)
+            store.sorted_space_ids(space)
+        store.image_lookup()  # the one images frame a request reads (searches map their hits through it)
+        return _State(key, store, encoder, models, self.device, sorted(store.image_ids()))
 
     def current(self) -> _State:
         state = self._state
@@ -139,6 +148,22 @@ def _finite(value: Any) -> Any:
 def create_app(store_path: Path, *, token: str | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                device: str = "cpu") -> FastAPI:
     """The service's FastAPI app over the store at ``store_path`` (loaded now: a bad store fails at start)."""
+    import faiss
+
+    # A server searches one query at a time, which faiss's OpenMP threads do not speed up; left on, they spin
+    # beside torch's and the request threads (measured on 2 cores: image queries 26 -> 45 req/s, 16 clients).
+    faiss.omp_set_num_threads(1)
+    # Photos are decoded and embedded on one thread, one at a time (torch uses every core for each forward), off
+    # the event loop, so that id and vector queries are answered while a photo is being embedded.
+    model_thread = ThreadPoolExecutor(1, thread_name_prefix="mammals-model")
+
+    def embed_and_search(state: _State, data: bytes, name: str, k: int, space: str) -> QueryResult:
+        try:
+            img = decode_image(data, name)
+        except ImageError as e:
+            raise HTTPException(400, f"{name}: {e.reason}") from None
+        return query_image(state.store, name, img, k=k, space=space, encoder=state.encoder, models=state.models,
+                           device=state.device)
     from analysis.neighbours import (
         QUERY_JSON_SCHEMA,
         QueryResult,
@@ -175,9 +200,12 @@ def create_app(store_path: Path, *, token: str | None = None, max_upload_bytes: 
     app.add_exception_handler(StoreError, _refused)  # a request the store cannot answer (no such space...)
     app.add_exception_handler(EncoderError, _refused)
 
-    def envelope(state: _State, space: str, k: int, results: list[QueryResult]) -> dict[str, Any]:
-        return {"schema": QUERY_JSON_SCHEMA, "store": str(store_path), "space": space,
-                "encoder": state.store.encoder["name"], "k": k, "results": [r.as_dict() for r in results]}
+    def envelope(state: _State, space: str, k: int, results: list[QueryResult]) -> JSONResponse:
+        # A response, not a dict: FastAPI would walk a returned dict again (jsonable_encoder) before encoding it,
+        # which cost a third of an id query's server time.
+        return JSONResponse({"schema": QUERY_JSON_SCHEMA, "store": str(store_path), "space": space,
+                             "encoder": state.store.encoder["name"], "k": k,
+                             "results": [r.as_dict() for r in results]})
 
     def resolve(state: _State, image_id: str) -> str:
         full, problem = resolve_id(state.sorted_ids, image_id.strip().lower())
@@ -207,7 +235,7 @@ def create_app(store_path: Path, *, token: str | None = None, max_upload_bytes: 
         file: Annotated[UploadFile, File(description="a photo (JPEG, PNG, WebP...)")],
         k: Annotated[int, Query(ge=1, le=MAX_K)] = defaults.K,
         space: str = schema.ENCODER_SPACE,
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         """Nearest indexed photos and breed votes for an uploaded photo."""
         data = await file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
@@ -215,16 +243,12 @@ def create_app(store_path: Path, *, token: str | None = None, max_upload_bytes: 
         name = file.filename or "upload"
         state = service.current()
         check_space(state.store, space)  # a StoreError: 400 through the handler above
-        try:
-            img = decode_image(data, name)
-        except ImageError as e:
-            raise HTTPException(400, f"{name}: {e.reason}") from None
-        result = query_image(state.store, name, img, k=k, space=space, encoder=state.encoder,
-                             models=state.models, device=state.device)
+        result = await asyncio.get_running_loop().run_in_executor(model_thread, embed_and_search, state, data, name,
+                                                                 k, space)
         return envelope(state, space, k, [result])
 
     @api.post("/query/text")
-    def query_text(body: TextQuery) -> dict[str, Any]:
+    def query_text(body: TextQuery) -> JSONResponse:
         """Nearest indexed photos of text prompts (stores built with an open_clip encoder)."""
         state = service.current()
         try:
@@ -235,7 +259,7 @@ def create_app(store_path: Path, *, token: str | None = None, max_upload_bytes: 
         return envelope(state, body.space, body.k, results)
 
     @api.post("/query/vector")
-    def query_vector(body: VectorQuery) -> dict[str, Any]:
+    def query_vector(body: VectorQuery) -> JSONResponse:
         """Nearest indexed photos of vectors already in a space (cosine; they need not be normalised)."""
         state = service.current()
         check_space(state.store, body.space)
@@ -254,7 +278,7 @@ def create_app(store_path: Path, *, token: str | None = None, max_upload_bytes: 
 
     @api.get("/neighbours/{image_id}")
     def neighbours(image_id: str, k: Annotated[int, Query(ge=1, le=MAX_K)] = defaults.K,
-                   space: str = schema.ENCODER_SPACE, include_self: bool = False) -> dict[str, Any]:
+                   space: str = schema.ENCODER_SPACE, include_self: bool = False) -> JSONResponse:
         """Nearest photos of an indexed photo, by id or a unique prefix of 6+ characters."""
         state = service.current()
         check_space(state.store, space)  # a StoreError: 400 through the handler above
@@ -268,8 +292,8 @@ def create_app(store_path: Path, *, token: str | None = None, max_upload_bytes: 
         """An indexed photo's metadata row (labels, size, source path, when indexed)."""
         state = service.current()
         full = resolve(state, image_id)
-        row = state.by_id.loc[full]
-        return {"id": full, **{str(c): _finite(v) for c, v in row.items()}}
+        row = image_row(state, full)
+        return {"id": full, **{str(c): _finite(v) for c, v in row.items() if c != "id"}}
 
     @api.get("/thumbnails/{image_id}", response_class=Response,
              responses={200: {"content": {"image/jpeg": {}}}})
@@ -281,7 +305,7 @@ def create_app(store_path: Path, *, token: str | None = None, max_upload_bytes: 
 
         state = service.current()
         full = resolve(state, image_id)
-        path = str(state.by_id.loc[full, "path"])
+        path = str(image_row(state, full)["path"])
         img = make_thumbnail(path, side)
         if isinstance(img, str):
             raise HTTPException(404, f"indexed photo {full[:12]} cannot be read now: {img}")
