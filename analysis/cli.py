@@ -1,5 +1,5 @@
-"""`mammals` subcommands of the analysis package: `train`, `query`, `map` and `export` (entry points in
-``pyproject.toml``).  Heavy imports happen inside the run functions, so that `mammals --help` stays fast."""
+"""`mammals` subcommands of the analysis package: `train`, `query`, `serve`, `map`, `export` and `quality` (entry
+points in ``pyproject.toml``).  Heavy imports happen inside the run functions, so that `mammals --help` stays fast."""
 
 from __future__ import annotations
 
@@ -46,6 +46,8 @@ def _conf_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--title", default="", help="figure title")
     p.add_argument("--relative", action="store_true",
                    help="heat-map figure: each group minus its layer's mean (diverging colours)")
+    p.add_argument("--wide", action="store_true",
+                   help="CSV: vectors as one column per dimension (e0..eN) instead of a JSON array per cell")
 
 
 def _run_export(a: argparse.Namespace) -> int:
@@ -55,7 +57,7 @@ def _run_export(a: argparse.Namespace) -> int:
         out = export_store(
             a.store, a.what, a.out, fmt=a.fmt, model=a.model, metric=a.metric, label=a.label, spaces=a.space,
             confidence=a.confidence, alpha=a.alpha, digits=a.digits, caption=a.caption, title=a.title,
-            relative=a.relative,
+            relative=a.relative, wide=a.wide,
             columns=[c.strip() for c in a.columns.split(",") if c.strip()] if a.columns else None,
         )
     except ValueError as e:  # a request the store cannot answer: one line, exit 2 (see indexer.cli.main)
@@ -369,3 +371,80 @@ def _run_serve(a: argparse.Namespace) -> int:
 
 
 SERVE = Command("serve", "HTTP query service over a store (FastAPI; docs at /docs)", _conf_serve, _run_serve)
+
+
+# ---------------------------------------------------------------------------------------------------- quality
+QUALITY_CHECKS = ("duplicates", "labels", "outliers")
+
+
+def _conf_quality(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", type=Path, help="the store to check")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write duplicates.csv, label_issues.csv, outliers.csv and summary.json here")
+    p.add_argument("--checks", default=",".join(QUALITY_CHECKS),
+                   help=f"comma-separated subset of {', '.join(QUALITY_CHECKS)} (default: all)")
+    p.add_argument("--space", default=schema.ENCODER_SPACE, help="feature space for neighbours (default encoder)")
+    p.add_argument("--label", default="breed", help="label column checked for errors (default breed)")
+    p.add_argument("-k", type=int, default=defaults.QUALITY_NEIGHBOURS,
+                   help=f"neighbours per photo (default {defaults.QUALITY_NEIGHBOURS})")
+    p.add_argument("--max-hash-bits", type=int, default=defaults.DUPLICATE_MAX_HASH_BITS,
+                   help="perceptual hashes differing in at most this many of 64 bits are duplicates "
+                        f"(default {defaults.DUPLICATE_MAX_HASH_BITS})")
+    p.add_argument("--outlier-fraction", type=float, default=defaults.OUTLIER_FLAG_FRACTION,
+                   help=f"share of photos flagged as outliers (default {defaults.OUTLIER_FLAG_FRACTION})")
+    p.add_argument("--top", type=int, default=10, help="rows of each finding printed (default 10)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON (mammals.quality/1)")
+
+
+def _run_quality(a: argparse.Namespace) -> int:
+    from analysis.quality import QualityParams, quality_report, write_report
+    from indexer.store import Store
+
+    checks = [c.strip() for c in a.checks.split(",") if c.strip()]
+    unknown = sorted(set(checks) - set(QUALITY_CHECKS))
+    if unknown or not checks:
+        raise UsageError(f"--checks: unknown {', '.join(unknown) or '(none given)'}; choose from "
+                         f"{', '.join(QUALITY_CHECKS)}")
+    if a.k < 1 or a.max_hash_bits < 0 or not 0 <= a.outlier_fraction <= 1:
+        raise UsageError("-k must be >= 1, --max-hash-bits >= 0 and --outlier-fraction in [0, 1]")
+    store = Store.open(a.store)
+    params = QualityParams(space=a.space, k=a.k, label=a.label, duplicate_max_hash_bits=a.max_hash_bits,
+                           outlier_flag_fraction=a.outlier_fraction)
+    try:
+        report = quality_report(store, params, checks=checks)
+    except ValueError as e:  # a label column the store lacks
+        raise UsageError(str(e)) from None
+    if a.out is not None:
+        for path in write_report(report, a.out):
+            log.info("wrote %s", path)
+    if a.json:
+        print(json.dumps(report.summary, indent=2, default=str))
+        return EXIT_OK
+    s = report.summary
+    print(f"{s['store']} (version {s['version']}, {s['images']} photos)")
+    if "duplicates" in s:
+        d = s["duplicates"]
+        print(f"\nduplicates: {d['pairs']} pairs in {d['groups']} groups ({d['exact_pairs']} exact), "
+              f"from {d['candidates']} candidate pairs")
+        for r in report.duplicates.head(a.top).itertuples():
+            print(f"  {r.kind:<5} {r.hash_bits:>2} bits  cos {r.cosine:.3f}  {r.path_a}  {r.path_b}")
+    if "label_issues" in s:
+        li = s["label_issues"]
+        if "skipped" in li:
+            print(f"\nlabel errors ({li['label']}): skipped, {li['skipped']}")
+        else:
+            print(f"\nlabel errors ({li['label']}): {li['likely']} likely, {li['flagged']} flagged by cleanlab of "
+                  f"{li['labelled']} labelled photos (out-of-fold accuracy {li['out_of_fold_accuracy']:.1%})")
+            for r in report.label_issues[report.label_issues["likely"]].head(a.top).itertuples():
+                print(f"  {r.given!s:<24} -> {r.suggested!s:<24} p={r.given_probability:.3f}  {r.path}")
+    if "outliers" in s:
+        o = s["outliers"]
+        print(f"\noutliers: {o['flagged']} flagged of {o['scored']} (score = mean cosine distance to the "
+              f"{params.k} nearest photos; median {o['median_score']})")
+        for r in report.outliers.head(a.top).itertuples():
+            print(f"  #{r.rank:<4} {r.score:.3f}  {r.path}")
+    return EXIT_OK
+
+
+QUALITY = Command("quality", "data quality: near-duplicates, likely label errors, outliers (CSV with --out)",
+                  _conf_quality, _run_quality)

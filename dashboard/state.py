@@ -383,3 +383,13 @@ def model_warnings(key: StoreKey, model: str) -> list[str]:
     from analysis.latent import model_warnings as warnings
 
     return warnings(store_for(key), model)
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def quality(key: StoreKey, label: str, checks: tuple[str, ...]
+            ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """``analysis.quality.quality_report`` of the store version: (duplicates, label issues, outliers, summary)."""
+    from analysis.quality import QualityParams, quality_report
+
+    report = quality_report(store_for(key), QualityParams(label=label), checks=checks)
+    return report.duplicates, report.label_issues, report.outliers, report.summary

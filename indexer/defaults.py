@@ -82,3 +82,11 @@ VECTOR_LATENCY_SECONDS = 3.0
 # `mammals serve`: largest accepted upload, and the environment variable that holds its bearer token.
 SERVE_MAX_UPLOAD_MB = 20.0
 SERVE_TOKEN_ENV = "MAMMALS_SERVE_TOKEN"
+
+# `mammals quality` (analysis/quality.py says why each value).
+QUALITY_NEIGHBOURS = 20
+DUPLICATE_MIN_COSINE = 0.6
+DUPLICATE_MAX_HASH_BITS = 10
+LABEL_ERROR_MAX_PROBABILITY = 0.01
+LABEL_ERROR_FOLDS = 5
+OUTLIER_FLAG_FRACTION = 0.02

@@ -12,7 +12,8 @@ import pytest
 from indexer.cli import ENTRY_POINT_GROUP, Command, build_parser, commands, main
 
 REPO = Path(__file__).resolve().parent.parent
-EXPECTED = {"index", "info", "verify", "migrate", "train", "query", "map", "export", "dashboard", "data", "serve"}
+EXPECTED = {"index", "info", "verify", "migrate", "train", "query", "map", "export", "dashboard", "data", "serve",
+            "quality"}
 
 
 def test_every_subcommand_comes_from_an_entry_point() -> None:
