@@ -39,6 +39,7 @@ __all__ = [
     "to_csv",
     "to_latex",
     "to_parquet",
+    "widen_vectors",
 ]
 
 FIGURE_FORMATS: tuple[str, ...] = ("png", "svg")
@@ -98,22 +99,62 @@ def _is_vector(x: Any) -> bool:
     return isinstance(x, (list, tuple, np.ndarray))
 
 
-def to_csv(df: pd.DataFrame, path: Path, *, index: bool = False) -> None:
+def _vector_columns(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if df[c].dtype == object and df[c].map(_is_vector).any()]
+
+
+def widen_vectors(df: pd.DataFrame) -> pd.DataFrame:
+    """Vector columns spread into one float column per dimension: ``e0 .. eN`` for a single vector column,
+    ``<column>_e0 ..`` for several (what spreadsheet tools and R's ``read.csv`` read without parsing)."""
+    vec_cols = _vector_columns(df)
+    if not vec_cols:
+        return df
+    parts = [df.drop(columns=vec_cols)]
+    for col in vec_cols:
+        mat = np.stack([np.asarray(v, dtype=np.float32) for v in df[col]])
+        prefix = "e" if len(vec_cols) == 1 else f"{col}_e"
+        parts.append(pd.DataFrame(mat, index=df.index, columns=[f"{prefix}{i}" for i in range(mat.shape[1])]))
+    return pd.concat(parts, axis=1)
+
+
+def to_csv(df: pd.DataFrame, path: Path, *, index: bool = False, wide: bool = False) -> None:
     """Write ``df`` as UTF-8 CSV, atomically.  Vector cells (lists, arrays) become JSON arrays (``json.loads``
-    reads them back; float32 values are written exactly); floats are written with full precision."""
-    out = df.copy()
-    for col in out.columns:
-        if out[col].dtype == object and out[col].map(_is_vector).any():
-            out[col] = out[col].map(lambda v: json.dumps(np.asarray(v).tolist()) if _is_vector(v) else v)
+    reads them back; float32 values are written exactly), or with ``wide`` one column per dimension
+    (:func:`widen_vectors`); floats are written with full precision."""
+    out = widen_vectors(df) if wide else df.copy()
+    for col in _vector_columns(out):
+        out[col] = out[col].map(lambda v: json.dumps(np.asarray(v).tolist()) if _is_vector(v) else v)
     atomic_write(Path(path), lambda tmp: out.to_csv(tmp, index=index, encoding="utf-8"))
 
 
 def to_parquet(df: pd.DataFrame, path: Path, *, index: bool = False) -> None:
-    """Write ``df`` as Parquet (pyarrow), atomically; vector cells become a list column."""
+    """Write ``df`` as Parquet (pyarrow), atomically.  A vector column whose cells all have one length is an
+    Arrow ``fixed_size_list<float32>[dim]`` (what Arrow, Polars, DuckDB and Lance read as an embedding column);
+    ragged vector cells stay a plain list column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     # attrs (test names, citations) are not data and may hold values Arrow's metadata cannot serialise.
     out = df.copy()
     out.attrs = {}
-    atomic_write(Path(path), lambda tmp: out.to_parquet(tmp, index=index, engine="pyarrow"))
+    vec_cols = _vector_columns(out)
+    rest = out.drop(columns=vec_cols)
+    # A table of no columns has no rows either: hold the row count in a placeholder column until the vectors come.
+    table = (pa.Table.from_pandas(rest, preserve_index=index) if len(rest.columns) or index
+             else pa.table({"__rows__": pa.nulls(len(out))}))
+    for col in vec_cols:
+        cells = out[col].tolist()
+        dims = {len(v) for v in cells if _is_vector(v)}
+        if len(dims) == 1 and all(_is_vector(v) for v in cells):
+            flat = np.concatenate([np.asarray(v, dtype=np.float32) for v in cells]) if cells else np.empty(0)
+            arr: pa.Array = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dims.pop())
+        else:
+            arr = pa.array([None if not _is_vector(v) else np.asarray(v, dtype=np.float32) for v in cells],
+                           pa.list_(pa.float32()))
+        table = table.append_column(col, arr)
+    table = table.select([c for c in out.columns if c in table.column_names] +
+                         [c for c in table.column_names if c not in out.columns and c != "__rows__"])
+    atomic_write(Path(path), lambda tmp: pq.write_table(table, tmp))
 
 
 _LATEX_SPECIALS = {
@@ -366,12 +407,13 @@ def export_store(
     store_path: Path, what: str, out: Path, *, fmt: str | None = None, model: str = "encoder",
     metric: str = "hoyer", label: str = "breed", spaces: Sequence[str] = (), confidence: float = 0.95,
     alpha: float = 0.05, digits: int = 3, columns: Sequence[str] | None = None, caption: str | None = None,
-    title: str = "", relative: bool = False,
+    title: str = "", relative: bool = False, wide: bool = False,
 ) -> Path:
     """Compute ``what`` from the store at ``store_path`` and write it to ``out`` (what `mammals export` runs).
 
     ``spaces``: the vector columns of ``images``, or (first one) the space a map or clustering is computed in.
     ``relative``: a heat-map figure shows each group minus its layer's mean.
+    ``wide``: CSV vector columns as one column per dimension (``e0 .. eN``) instead of JSON arrays.
     Raises ValueError for a request that cannot be met (unknown model/metric/label, a format ``what`` has not).
     """
     from analysis import sparsity_stats as ss
@@ -431,7 +473,7 @@ def export_store(
             raise ValueError(f"no column(s) {unknown} in {what} (columns: {', '.join(map(str, df.columns))})")
         df = df.loc[:, list(columns)]
     if fmt == "csv":
-        to_csv(df, out)
+        to_csv(df, out, wide=wide)
     elif fmt == "parquet":
         to_parquet(df, out)
     else:

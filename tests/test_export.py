@@ -26,6 +26,7 @@ from analysis.export import (
     to_csv,
     to_latex,
     to_parquet,
+    widen_vectors,
 )
 from analysis.sparsity_stats import breed_heatmap, depth_curves, group_tests
 from indexer.cli import main as cli
@@ -177,6 +178,29 @@ def test_csv_and_parquet_round_trip(tmp_path: Path) -> None:
     for a, b in zip(back["encoder"], df["encoder"], strict=True):
         np.testing.assert_array_equal(np.array(json.loads(a), dtype=np.float32), b)
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_vectors_are_a_fixed_size_list_in_parquet_and_columns_in_a_wide_csv(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    vec = [np.arange(4, dtype=np.float32) + i / 3 for i in range(3)]
+    df = pd.DataFrame({"id": ["a", "b", "c"], "encoder": pd.Series(vec, dtype=object)})
+    to_parquet(df, tmp_path / "t.parquet")
+    kind = pq.read_schema(tmp_path / "t.parquet").field("encoder").type
+    assert pa.types.is_fixed_size_list(kind) and kind.list_size == 4 and kind.value_type == pa.float32()
+    back = pq.read_table(tmp_path / "t.parquet").column("encoder").combine_chunks()
+    np.testing.assert_array_equal(back.values.to_numpy().reshape(3, 4), np.stack(vec))
+
+    to_csv(df, tmp_path / "wide.csv", wide=True)
+    wide = pd.read_csv(tmp_path / "wide.csv")
+    assert list(wide.columns) == ["id", "e0", "e1", "e2", "e3"]
+    np.testing.assert_array_equal(wide[["e0", "e1", "e2", "e3"]].to_numpy(np.float32), np.stack(vec))
+    two = df.assign(vae_mu=pd.Series([v[:2] for v in vec], dtype=object))
+    assert list(widen_vectors(two).columns) == ["id", *[f"encoder_e{i}" for i in range(4)], "vae_mu_e0", "vae_mu_e1"]
+    # Ragged cells cannot be a fixed-size list: they stay a plain list column.
+    to_parquet(pd.DataFrame({"v": pd.Series([np.zeros(2), np.zeros(3)], dtype=object)}), tmp_path / "r.parquet")
+    assert pa.types.is_list(pq.read_schema(tmp_path / "r.parquet").field("v").type)
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path: Path) -> None:

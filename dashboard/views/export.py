@@ -30,9 +30,12 @@ def _via_file(write: Callable[[Any, Path], None], obj: Any, suffix: str) -> byte
 
 
 def table_bytes(df: pd.DataFrame, fmt: str) -> bytes:
-    """``csv`` or ``parquet`` bytes exactly as `mammals export` writes them (vector cells included)."""
+    """``csv``, ``wide.csv`` (one column per vector dimension) or ``parquet`` bytes exactly as `mammals export`
+    writes them (vector cells included)."""
     from analysis.export import to_csv, to_parquet
 
+    if fmt == "wide.csv":
+        return _via_file(functools.partial(to_csv, wide=True), df, ".csv")
     return _via_file(to_csv if fmt == "csv" else to_parquet, df, f".{fmt}")
 
 
@@ -89,8 +92,10 @@ def _images_section(key: StoreKey) -> None:
                    preview=["relpath", "species", "breed", "x", "y", "cluster", "probability", "outlier_score"])
     if vectors:
         # The preview leaves the vectors out (unreadable in a grid); the downloads have them.
-        cols = st.columns(2)
-        for col, fmt in zip(cols, ("csv", "parquet"), strict=True):
+        st.caption("Parquet holds each vector as a fixed-size list of float32 (an embedding column for Arrow, "
+                   "Polars, DuckDB); the wide CSV has one column per dimension (e0, e1, …).")
+        cols = st.columns(3)
+        for col, fmt in zip(cols, ("parquet", "wide.csv", "csv"), strict=True):
             col.download_button(f"images-with-vectors.{fmt}", functools.partial(table_bytes, table, fmt),
                                 f"images-with-vectors.{fmt}",
                                 key=f"export-images-vectors-{fmt}", icon=":material/download:")
