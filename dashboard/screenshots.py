@@ -37,6 +37,7 @@ PAGE_TIMEOUT_S = 600.0
 APP_IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
 ERROR_BOXES = '[data-testid="stException"], [data-testid="stAlertContentError"]'
 PLOTS = '[data-testid="stPlotlyChart"]'
+SCATTER = 'iframe[title*="mammals_scatter"]'  # dashboard.components.scatter_map
 
 
 def free_port() -> int:
@@ -112,9 +113,29 @@ def browser() -> Iterator[Any]:
             b.close()
 
 
-def open_page(browser_: Any, url: str, *, timeout_s: float = PAGE_TIMEOUT_S) -> Any:
-    """Load one page of the app and wait until its script has run and every plotly chart has drawn."""
-    page = browser_.new_page(viewport=VIEWPORT)
+def open_page(browser_: Any, url: str, *, timeout_s: float = PAGE_TIMEOUT_S, viewport: dict[str, int] | None = None,
+              console: list[str] | None = None) -> Any:
+    """Load one page of the app and wait until its script has run and every plotly chart has drawn.
+
+    Every request to anything but the app itself is refused (the dashboard must work offline), and browser
+    console errors, page errors and refused requests are appended to ``console`` when given."""
+    page = browser_.new_page(viewport=viewport or VIEWPORT)
+    origin = "/".join(url.split("/")[:3])
+
+    def route(r: Any) -> None:
+        target = r.request.url
+        if target.startswith((origin, "data:", "blob:")):
+            r.continue_()
+        else:
+            if console is not None:
+                console.append(f"refused request to {target}")
+            r.abort()
+
+    page.route("**/*", route)
+    if console is not None:
+        page.on("console", lambda m: console.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: console.append(f"page error: {e}"))
+        page.on("response", lambda r: console.append(f"HTTP {r.status} {r.url}") if r.status >= 400 else None)
     page.goto(url, wait_until="domcontentloaded", timeout=60_000)
     wait_until_idle(page, timeout_s=timeout_s)
     return page
@@ -127,10 +148,43 @@ def wait_until_idle(page: Any, *, timeout_s: float = PAGE_TIMEOUT_S) -> None:
     for i in range(charts):
         # A plotly chart has drawn once its main SVG exists; WebGL traces also have a canvas.
         page.locator(PLOTS).nth(i).locator(".main-svg").first.wait_for(state="attached", timeout=60_000)
+    if page.locator(SCATTER).count():  # the map's own scatter component draws inside its iframe
+        page.frame_locator(SCATTER).first.locator(".main-svg").first.wait_for(state="attached", timeout=60_000)
     # Thumbnails and fonts load after the script finishes; let the page settle before measuring or capturing.
     with contextlib.suppress(Exception):
         page.wait_for_load_state("networkidle", timeout=15_000)
     page.wait_for_timeout(1_000)
+
+
+def scatter_frame(page: Any) -> Any:
+    """The map's scatter component (plotly.js in its own iframe) as a Playwright frame."""
+    return page.locator(SCATTER).first.element_handle().content_frame()
+
+
+# The point farthest (in pixels) from every other point of the map, so that hovering it can only mean it.
+_LONELY_POINT = """() => {
+  const gd = document.getElementById("plot"), fl = gd._fullLayout, px = [];
+  gd._fullData.forEach((t, c) => t.x.forEach((x, i) => px.push(
+      [c, i, fl.xaxis.l2p(x) + fl._size.l, fl.yaxis.l2p(t.y[i]) + fl._size.t])));
+  let best = null, bestD = -1;
+  for (const p of px) {
+    let d = Infinity;
+    for (const q of px) { if (q !== p) { d = Math.min(d, Math.hypot(p[2] - q[2], p[3] - q[3])); } }
+    if (d > bestD) { bestD = d; best = p; }
+  }
+  return {curve: best[0], index: best[1], x: best[2], y: best[3], id: args.points[best[0]].ids[best[1]],
+          cell: args.points[best[0]].cell[best[1]], cols: args.sprite.cols};
+}"""
+
+
+def hover_lonely_point(page: Any) -> dict[str, Any]:
+    """Move the mouse onto the map point farthest from the others; returns that point (its id, sprite cell,
+    trace and index, and ``page_x``/``page_y``, where it lies on the page)."""
+    point: dict[str, Any] = scatter_frame(page).evaluate(_LONELY_POINT)
+    box = page.locator(SCATTER).first.bounding_box()
+    point["page_x"], point["page_y"] = box["x"] + point["x"], box["y"] + point["y"]
+    page.mouse.move(point["page_x"], point["page_y"])
+    return point
 
 
 def error_texts(page: Any) -> list[str]:
@@ -142,8 +196,8 @@ def error_texts(page: Any) -> list[str]:
 
 
 def page_url(base: str, spec: PageSpec) -> str:
-    """A page's URL: the default (first) page lives at the root, whatever its url_path."""
-    return base + "/" if spec == PAGES[0] else f"{base}/{spec.url_path}"
+    """A page's URL (every page has its own; the root forwards to the first, see dashboard.app.main)."""
+    return f"{base}/{spec.url_path}"
 
 
 def capture_all(store: Path, out_dir: Path = OUT_DIR, *, pages: list[str] | None = None,
@@ -157,6 +211,9 @@ def capture_all(store: Path, out_dir: Path = OUT_DIR, *, pages: list[str] | None
             t0 = time.monotonic()
             page = open_page(b, page_url(url, spec))
             errors = error_texts(page)
+            if spec.module == "map":  # show the hover card, the map's way of showing its photos
+                hover_lonely_point(page)
+                scatter_frame(page).locator("#card").wait_for(state="visible", timeout=10_000)
             path = out_dir / f"{spec.module}.png"
             page.screenshot(path=str(path), full_page=False)
             page.close()

@@ -38,6 +38,13 @@ def gallery(key: StoreKey, ids: Sequence[str], captions: Sequence[str] | None = 
     st.image(thumbs, caption=list(captions) if captions is not None else None, width=width)
 
 
+def preselect(widget_key: str, relpath: str) -> None:
+    """Make the :func:`image_picker` with ``widget_key`` open on ``relpath`` (its filter narrowed to it): how
+    another page (the map's clicked photo) hands a photo over."""
+    st.session_state[f"{widget_key}-filter"] = relpath
+    st.session_state[widget_key] = relpath
+
+
 def image_picker(key: StoreKey, label: str, *, widget_key: str, default_index: int = 0) -> str:
     """Pick an indexed image by relpath, with a substring filter so large stores stay usable; returns its id."""
     relpaths, by_rel = state.relpath_index(key.path, key.version)

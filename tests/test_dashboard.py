@@ -20,6 +20,7 @@ All tests share one process, so the first UMAP's numba compilation (~45 s) and S
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -74,33 +75,81 @@ def captions(at: AppTest) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- full store
-def test_map_page_draws_a_webgl_scatter(pets_store_full: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def scatter_args(at: AppTest) -> dict[str, Any]:
+    """The arguments the map page sent to its scatter component (figure, per-trace points, sprite)."""
+    (el,) = [e for e in at.get("component_instance")]
+    args: dict[str, Any] = json.loads(el.proto.json_args)
+    return args
+
+
+def test_map_page_draws_a_webgl_scatter_with_hover_cards(pets_store_full: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     # First on purpose: pays the numba compilation for the rest of the module.
     at = page("map", pets_store_full, monkeypatch)
     no_exception(at)
-    specs = plotly_specs(at)
-    assert len(specs) == 1 and '"scattergl"' in specs[0]
+    args = scatter_args(at)
+    assert {t["type"] for t in args["figure"]["data"]} == {"scattergl"}
     assert at.selectbox(key="map-space").options == ["encoder", "mapper_attr", "mapper_id", "vae_logvar",
                                                     "vae_mu"]
-    # Colour by breed: one WebGL trace per breed (plus "unknown" for unlabelled photos, if any).
+    # Every point has a hover card and its own cell in the sprite sheet of thumbnails.
+    ids = [i for t in args["points"] for i in t["ids"]]
+    cells = [c for t in args["points"] for c in t["cell"]]
+    assert len(ids) == 1140 and sorted(cells) == list(range(1140))
+    assert args["sprite"]["url"].startswith("data:image/jpeg;base64,")
+    assert all("cluster" in c for t in args["points"] for c in t["card"])
+    # Colour by breed: one WebGL trace per breed, each its own colour, cats and dogs in their own hue ranges.
     at.selectbox(key="map-colour").set_value("breed").run()
     no_exception(at)
-    assert plotly_specs(at)[0].count('"scattergl"') >= 30
+    traces = scatter_args(at)["figure"]["data"]
+    assert len(traces) >= 45
+    colours = [t["marker"]["color"] for t in traces]
+    assert len(set(colours)) == len(colours)
     at.selectbox(key="map-colour").set_value("cluster").run()
     no_exception(at)
-    assert '"scattergl"' in plotly_specs(at)[0]
+    assert scatter_args(at)["figure"]["data"][0]["type"] == "scattergl"
 
 
-def test_map_selection_maps_points_back_to_ids() -> None:
-    import numpy as np
+def test_map_click_and_selection_survive_recolouring(pets_store_full: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the scatter reports (as the browser test drives it) shows the clicked photo's neighbours and the
+    selection; both stay when the colouring changes."""
+    from indexer.store import Store
 
-    from dashboard.views.map import selected_ids
+    ids = Store.open(pets_store_full).image_ids()
+    at = page("map", pets_store_full, monkeypatch,
+              **{"map-chart-encoder": {"clicked": ids[0], "selected": ids[:5], "events": 1}})
+    no_exception(at)
+    for colour in ("breed", "cluster"):
+        assert [s.value for s in at.subheader] == ["Selection: 5 image(s)"]
+        assert any(m.value.startswith("**8 nearest photos**") for m in at.markdown)
+        selected = [c for t in scatter_args(at)["figure"]["data"] for c in (t.get("selectedpoints") or [])]
+        assert len(selected) == 5  # and drawn as selected
+        at.selectbox(key="map-colour").set_value(colour).run()
+        no_exception(at)
 
-    traces = [np.array(["a", "b"]), np.array(["c"])]
-    event = {"selection": {"points": [{"curve_number": 1, "point_index": 0}, {"curve_number": 0, "point_index": 1},
-                                      {"curve_number": 0, "point_index": 1}, {"curve_number": 5, "point_index": 0}]}}
-    assert selected_ids(event, traces) == ["c", "b"]
-    assert selected_ids(None, traces) == []
+
+def test_map_palette_is_distinct_and_grouped_by_species() -> None:
+    from dashboard.views.map import GREY, palette
+
+    cats, dogs = [f"cat{i}" for i in range(12)], [f"dog{i}" for i in range(33)]
+    species = {**{c: "cat" for c in cats}, **{d: "dog" for d in dogs}}
+    colours = palette([*cats, *dogs, "unknown"], species)
+    assert colours["unknown"] == GREY and len(set(colours.values())) == 46
+
+    def hue(c: str) -> float:
+        import colorsys
+
+        return colorsys.rgb_to_hls(*(int(c[i:i + 2], 16) / 255 for i in (1, 3, 5)))[0]
+
+    assert all(hue(colours[c]) < 0.2 or hue(colours[c]) > 0.85 for c in cats)
+    assert all(0.2 < hue(colours[d]) < 0.8 for d in dogs)
+
+
+def test_map_events_are_read_defensively() -> None:
+    from dashboard.views.map import event_state
+
+    assert event_state(None) == (None, [])
+    assert event_state({"clicked": "a", "selected": ["b", "b", 3, "c"], "events": 2}) == ("a", ["b", "c"])
+    assert event_state({"clicked": 5}) == (None, [])
 
 
 def test_app_entry_script_lands_on_the_overview(pets_store_full: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -119,9 +168,13 @@ def test_clusters_page_has_galleries_and_agreement(pets_store_full: Path, monkey
     at = page("clusters", pets_store_full, monkeypatch)
     no_exception(at)
     table_with(at, "label", "nmi", "ari")
-    table_with(at, "cluster", "size", "purity", "majority")
-    assert len(images(at)) >= 2  # at least one cluster gallery (and the noise one when there is noise)
-    assert any(m.value.startswith("**Cluster") for m in at.markdown)
+    summary = table_with(at, "cluster", "size", "purity", "majority", "top_breeds")
+    assert summary["size"].is_monotonic_decreasing  # the table comes first, largest cluster first
+    assert summary["top_breeds"].str.contains("%").all()
+    assert len(images(at)) >= 2  # the three largest clusters' galleries by default
+    assert sum(m.value.startswith("**Cluster") for m in at.markdown) == 3
+    metrics = {m.label: m.value for m in at.metric}
+    assert 0 <= float(metrics["ARI with breed"]) <= 1 and 0 <= float(metrics["NMI with breed"]) <= 1
 
 
 @pytest.mark.parametrize("space", ["encoder", "mapper_id"])
@@ -196,9 +249,33 @@ def test_sparsity_page_shows_curves_tests_and_heatmap(pets_store_full: Path,
     specs = plotly_specs(at)
     assert any('"fill":"toself"' in s for s in specs)  # confidence bands
     assert any('"heatmap"' in s for s in specs)
+    assert any("Hoyer sparseness" in c.value for c in at.caption)  # what the metric means, in one line
+    assert any("largest effect is at layer" in m.value for m in at.markdown)  # the finding, in words
+    assert all(p == "< 0.001" or len(p) == 5 for p in tests["p_adjusted"])  # "0.023", never "2.3e-13"
+    at.radio(key="sparsity-view").set_value("slope").run()
+    no_exception(at)
     at.selectbox(key="sparsity-model").set_value("vae").run()
     at.selectbox(key="sparsity-label").set_value("breed").run()
     no_exception(at)
+
+
+def test_sparsity_views_relative_slope_and_p_values() -> None:
+    import pandas as pd
+
+    from dashboard.views.sparsity import format_p, view_curves
+
+    curves = pd.DataFrame({"group": ["all"] * 3 + ["a"] * 3, "layer_index": [0, 1, 2] * 2,
+                           "mean": [1.0, 2.0, 4.0, 1.5, 2.0, 5.0], "ci_low": [0.9, 1.9, 3.9, 1.4, 1.9, 4.9],
+                           "ci_high": [1.1, 2.1, 4.1, 1.6, 2.1, 5.1]})
+    rel = view_curves(curves, "relative")
+    assert rel[rel["group"] == "a"]["mean"].tolist() == [0.5, 0.0, 1.0]
+    assert rel[rel["group"] == "all"]["mean"].tolist() == [0.0, 0.0, 0.0]
+    assert rel[rel["group"] == "a"]["ci_low"].round(6).tolist() == [0.4, -0.1, 0.9]
+    slope = view_curves(curves, "slope")
+    assert slope[slope["group"] == "all"]["mean"].tolist()[1:] == [1.0, 2.0]
+    accel = view_curves(curves, "acceleration")
+    assert accel[accel["group"] == "a"]["mean"].tolist()[2:] == [3.5]
+    assert [format_p(p) for p in (2.3e-13, 0.0234, float("nan"))] == ["< 0.001", "0.023", "n/a"]
 
 
 def test_sparsity_page_correlates_a_numeric_label_joined_from_a_csv(pets_store_copy: Path, tmp_path: Path,
@@ -284,6 +361,17 @@ def test_latent_page_without_models_says_what_to_train(pets_store: Path, monkeyp
     at = page("latent", pets_store, monkeypatch)
     assert not at.exception
     assert any("mammals train vae" in i.value and "mammals train mapper" in i.value for i in at.info)
+
+
+def test_quality_page_shows_each_finding_with_thumbnails_and_csv(pets_store: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    at = page("quality", pets_store, monkeypatch)
+    no_exception(at)
+    assert [m.label for m in at.metric] == ["Near-duplicate pairs", "Likely label errors", "Outliers flagged"]
+    assert [t.label for t in at.tabs] == ["Duplicates", "Label errors", "Outliers"]
+    assert images(at)  # the flagged outliers' thumbnails at least (pets has 2% of 1,140 = 23 of them)
+    assert any("out-of-fold accuracy" in c.value for c in at.caption)
+    assert at.selectbox(key="quality-label").value == "breed"
 
 
 @pytest.mark.parametrize("name", ["overview", "query", "sparsity", "clusters", "export"])

@@ -35,37 +35,51 @@ def render() -> None:
 
     n_clusters = int((summary["cluster"] >= 0).sum())
     noise = frame[frame["cluster"] < 0]
-    c1, c2, c3, c4 = st.columns(4)
+    c1, c2, c3, c4, c5 = st.columns(5)
     c1.metric("Clusters", n_clusters)
     c2.metric("Clustered images", f"{len(frame) - len(noise):,}")
-    c3.metric("Noise", f"{len(noise):,}")
+    c3.metric("Noise", f"{len(noise):,} ({len(noise) / max(len(frame), 1):.0%})")
     for row in agreement[agreement["label"] == "breed"].to_dict("records"):
-        c4.metric("Agreement with breed", f"NMI {float(row['nmi']):.2f}", f"ARI {float(row['ari']):.2f}",
-                  delta_color="off")
-
-    with st.expander("Agreement with the labels, and every cluster as a table"):
-        st.caption("NMI and ARI between the clusters and each label (1 = the clusters are the label's groups).")
-        st.dataframe(agreement, hide_index=True)
-        st.dataframe(summary, hide_index=True,
-                     column_config={"purity": st.column_config.ProgressColumn(format="percent", min_value=0,
-                                                                              max_value=1)})
+        c4.metric("NMI with breed", f"{float(row['nmi']):.2f}", help="normalised mutual information, 0-1")
+        c5.metric("ARI with breed", f"{float(row['ari']):.2f}", help="adjusted Rand index: 0 = chance, 1 = same")
 
     st.subheader("Clusters, largest first")
-    per_page = 20
-    real = summary[summary["cluster"] >= 0].sort_values("size", ascending=False)
-    if len(real) > per_page:
-        first = int(st.number_input(f"Show clusters from rank (of {len(real)})", 1, len(real), 1,
-                                    step=per_page, key="clusters-page"))
-        real = real.iloc[first - 1: first - 1 + per_page]
-    for cluster, size, purity, majority in zip(real["cluster"].astype(int), real["size"].astype(int),
-                                                real["purity"].astype(float), real["majority"], strict=True):
-        shown = "n/a (no labels)" if purity != purity else f"{purity:.0%}"  # NaN: no labelled member
-        st.markdown(f"**Cluster {cluster}** · {size} images · purity {shown} · majority **{majority or '—'}**")
+    mix = breed_mix(frame, store.images)
+    table = summary[summary["cluster"] >= 0].merge(mix, on="cluster", how="left").sort_values("size",
+                                                                                             ascending=False)
+    st.dataframe(table[[c for c in ("cluster", "size", "purity", "majority", "top_breeds") if c in table.columns]],
+                 hide_index=True,
+                 column_config={"purity": st.column_config.ProgressColumn(format="percent", min_value=0,
+                                                                          max_value=1),
+                                "top_breeds": st.column_config.TextColumn("top 3 breeds (share)")})
+    with st.expander("Agreement with every label"):
+        st.caption("NMI and ARI between the clusters and each label (1 = the clusters are the label's groups).")
+        st.dataframe(agreement, hide_index=True)
+
+    real = table["cluster"].astype(int).tolist()
+    shown = st.multiselect("Galleries of clusters", real, default=real[:3], key="clusters-galleries",
+                           format_func=lambda c: f"cluster {c}")
+    for cluster in shown:
+        info = table[table["cluster"] == cluster].iloc[0]
+        purity = float(info["purity"])
+        text = "n/a (no labels)" if purity != purity else f"{purity:.0%}"  # NaN: no labelled member
+        st.markdown(f"**Cluster {cluster}** · {int(info['size'])} images · purity {text} · "
+                    f"{info.get('top_breeds') or 'no breeds'}")
         ids = _members(frame, cluster, THUMBS_PER_CLUSTER)
         widgets.gallery(key, ids, widgets.store_images(store, ids)["breed"].fillna("?").tolist(), width=100)
 
-    st.subheader(f"Noise ({len(noise):,} images in no cluster)")
-    if len(noise):
+    if st.checkbox(f"Show the noise ({len(noise):,} images in no cluster)", key="clusters-noise") and len(noise):
         # The most outlying first: they are what HDBSCAN is surest belong nowhere.
         ids = noise.sort_values(["outlier_score", "id"], ascending=[False, True])["id"].head(24).tolist()
         widgets.gallery(key, ids, widgets.store_images(store, ids)["breed"].fillna("?").tolist(), width=100)
+
+
+def breed_mix(frame: pd.DataFrame, images: pd.DataFrame, top: int = 3) -> pd.DataFrame:
+    """Per cluster, its ``top`` breeds and their shares as text ("bengal 60% · birman 20% · ...")."""
+    df = frame[["id", "cluster"]].merge(images[["id", "breed"]], on="id", how="left")
+    df = df[df["cluster"] >= 0]
+    rows = []
+    for cluster, part in df.groupby("cluster"):
+        shares = part["breed"].fillna("unlabelled").value_counts(normalize=True).head(top)
+        rows.append({"cluster": cluster, "top_breeds": " · ".join(f"{b} {v:.0%}" for b, v in shares.items())})
+    return pd.DataFrame(rows, columns=["cluster", "top_breeds"])

@@ -13,6 +13,66 @@ import streamlit as st
 from dashboard import state, widgets
 
 MAX_GROUPS_DEFAULT = 6  # more curves than this turn the bands into a smear; the user can add more
+# One line per metric for readers who do not know them (indexer/sparsity/metrics.py has the formulas).
+DEFINITIONS = {
+    "near_zero_fraction": "share of a layer's activations whose magnitude is at most 1% of the layer's largest "
+                          "(1 = all but the peak silent)",
+    "hoyer": "Hoyer sparseness: (√n − L1/L2) / (√n − 1) of the activation magnitudes; 0 = all equal, 1 = one "
+             "unit active",
+    "gini": "Gini index of the activation magnitudes (Hurley & Rickard); 0 = all equal, → 1 = a few units carry "
+            "everything",
+    "l1_l2_ratio": "L1/L2 of the activation magnitudes: between 1 (one unit active) and √n (all equal); lower is "
+                   "sparser",
+}
+VIEWS = {
+    "relative": "Relative to the pooled curve",
+    "mean": "Mean per layer",
+    "slope": "Slope (change from the layer before)",
+    "acceleration": "Acceleration (change of the slope)",
+}
+
+
+def format_p(p: float) -> str:
+    """A p-value as people read it: "< 0.001" below that, else three decimals."""
+    if p != p:  # NaN
+        return "n/a"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def view_curves(curves: pd.DataFrame, view: str) -> pd.DataFrame:
+    """Curves as ``view`` shows them: each group minus the pooled ("all") curve, its first difference over depth
+    (slope) or second difference (acceleration), or as is.  Bands move with the curve for "relative" (the pooled
+    mean's own uncertainty, far smaller with all images, is left out); slope and acceleration have none."""
+    out = curves.sort_values(["group", "layer_index"]).copy()
+    if view == "relative":
+        pooled = out[out["group"] == "all"].set_index("layer_index")["mean"]
+        shift = out["layer_index"].map(pooled).to_numpy()
+        for col in ("mean", "ci_low", "ci_high"):
+            out[col] = out[col] - shift
+    elif view in ("slope", "acceleration"):
+        order = 1 if view == "slope" else 2
+        out["mean"] = out.groupby("group")["mean"].diff(order)
+        out[["ci_low", "ci_high"]] = np.nan
+    return out
+
+
+def summary_sentence(curves: pd.DataFrame, tests: pd.DataFrame, groups: list[str], metric: str) -> str:
+    """Where the chosen groups differ most, in words."""
+    sig = tests[tests["significant"]]
+    if not len(groups) >= 2:
+        return "Pick two or more groups to compare them."
+    if sig.empty:
+        return f"No layer's {metric} differs between the groups after correction (α = 0.05)."
+    best = sig.sort_values("effect_size", ascending=False).iloc[0]
+    layer = int(best["layer_index"])
+    at = curves[(curves["layer_index"] == layer) & curves["group"].isin(groups)].set_index("group")["mean"]
+    if len(at) < 2:
+        return ""
+    hi, lo = str(at.idxmax()), str(at.idxmin())
+    word = "less sparse" if metric == "l1_l2_ratio" else "sparser"
+    return (f"{len(sig)} of {len(tests)} layers differ (Kruskal-Wallis, BH-corrected). The largest effect is at "
+            f"layer {layer} ({best['layer_name']}, ε² = {best['effect_size']:.2f}, p {format_p(best['p_adjusted'])}"
+            f"): there **{hi}** is {word} than **{lo}** ({metric} {at[hi]:.3f} vs {at[lo]:.3f}).")
 
 
 def _rgba(hex_colour: str, alpha: float) -> str:
@@ -21,8 +81,10 @@ def _rgba(hex_colour: str, alpha: float) -> str:
     return f"rgba({r},{g},{b},{alpha})"
 
 
-def depth_figure(curves: pd.DataFrame, groups: list[str], significant: set[int], metric: str) -> go.Figure:
-    """Mean per layer for each group, the confidence interval as a filled band, significant layers marked."""
+def depth_figure(curves: pd.DataFrame, groups: list[str], significant: set[int], metric: str,
+                 view: str = "mean") -> go.Figure:
+    """Mean per layer for each group (or what ``view`` makes of it, see :func:`view_curves`), the confidence
+    interval as a filled band, significant layers marked."""
     fig = go.Figure()
     palette = px.colors.qualitative.D3 + px.colors.qualitative.Dark24
     for i, group in enumerate(groups):
@@ -58,10 +120,15 @@ def depth_figure(curves: pd.DataFrame, groups: list[str], significant: set[int],
             marker={"symbol": "triangle-up", "size": 9, "color": "#d62728"},
             hovertemplate="layer %{x}: groups differ<extra></extra>",
         ))
-    fig.update_layout(height=480, xaxis_title="layer (execution order)", yaxis_title=metric, hovermode="closest",
+    if view == "relative":
+        fig.add_hline(y=0, line={"color": "#999999", "width": 1})
+    ytitle = {"mean": metric, "relative": f"{metric} − pooled mean", "slope": f"Δ {metric} per layer",
+              "acceleration": f"Δ² {metric} per layer"}.get(view, metric)
+    fig.update_layout(height=480, xaxis_title="layer (execution order)", yaxis_title=ytitle, hovermode="closest",
                       margin={"l": 10, "r": 10, "t": 40, "b": 10},
-                      title="Mean per layer with 95% confidence bands"
-                            + (" · ▲ layers where the groups differ" if significant else ""))
+                      title=VIEWS.get(view, "Mean per layer") + (" with 95% confidence bands" if view in (
+                          "mean", "relative") else "") + (" · ▲ layers where the groups differ" if significant
+                                                          else ""))
     return fig
 
 
@@ -91,7 +158,9 @@ def marked_table(stats_table: pd.DataFrame, **formats: str) -> None:
     """A per-layer test table with a ★ column for the layers significant after correction; p-values in
     scientific notation, other columns by ``formats`` (column -> printf format)."""
     table = stats_table.assign(marked=np.where(stats_table["significant"], "★", ""))
-    formats = {"p_value": "%.2e", "p_adjusted": "%.2e", **formats}
+    for col in ("p_value", "p_adjusted"):
+        if col in table.columns:
+            table[col] = table[col].map(format_p)
     config: dict[str, Any] = {"marked": st.column_config.TextColumn("", help="★ significant after correction")}
     config.update({col: st.column_config.NumberColumn(format=fmt) for col, fmt in formats.items()})
     st.dataframe(table[["marked", *stats_table.columns]], hide_index=True, column_config=config)
@@ -154,16 +223,24 @@ def render() -> None:
     sizes = curves.groupby("group")["n"].max()
     default = sorted(groups, key=lambda g: -int(sizes[g]))[:MAX_GROUPS_DEFAULT]
     chosen = st.multiselect("Groups", groups, default=default, key=f"sparsity-groups-{label}")
-    show_all = st.checkbox("Show the pooled curve (all images)", True, key="sparsity-all")
+    st.caption(f"**{metric}**: {DEFINITIONS.get(metric, 'see indexer/sparsity/metrics.py')}.")
+    c1, c2 = st.columns([3, 1])
+    view = c1.radio("View", list(VIEWS), format_func=VIEWS.__getitem__, horizontal=True, key="sparsity-view",
+                    help="Depth changes sparsity far more than the groups do: relative to the pooled curve, the "
+                         "groups' differences are what is left")
+    show_all = c2.checkbox("Show the pooled curve (all images)", True, key="sparsity-all")
     significant = set(tests.loc[tests["significant"], "layer_index"].astype(int))
-    st.plotly_chart(depth_figure(curves, (["all"] if show_all else []) + chosen, significant, metric),
-                    key="sparsity-curves")
+    st.markdown(summary_sentence(curves, tests, chosen, metric))
+    st.plotly_chart(depth_figure(view_curves(curves, view), (["all"] if show_all else []) + chosen, significant,
+                                 metric, view), key="sparsity-curves")
     if curves.attrs.get("dropped_groups"):
         st.caption("Left out (fewer than 2 images): " + ", ".join(curves.attrs["dropped_groups"]))
 
     st.subheader("Do the groups differ, layer by layer?")
     st.caption(f"{tests.attrs.get('test', 'Kruskal-Wallis H')}, {tests.attrs.get('correction', 'BH')}; "
-               f"effect size ε². {len(significant)} of {len(tests)} layers differ at α = 0.05.")
+               f"effect size ε² (share of the ranks' variance the groups explain: 0.01 small, 0.08 medium, 0.26 "
+               f"large). {len(significant)} of {len(tests)} layers differ at α = 0.05; with hundreds of photos "
+               "per group even small effects are significant, so read ε².")
     marked_table(tests, statistic="%.2f", effect_size="%.3f")
 
     _numeric_section(key, store, model, metric)
