@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from analysis.client import Client, ServiceError
-from benchmarks.common import SHARED_DATA, shown, write_results
+from benchmarks.common import SHARED_DATA, write_results
 from indexer.store import Store
 
 TARGET_ID_P50_MS_AT_1M = 50.0
@@ -193,10 +193,11 @@ def main() -> int:
 
             run_index([pets], Path(tmp) / "pets", progress=False, sparsity="off")
             targets.append(("pets photos indexed into a temporary store", Path(tmp) / "pets"))
-        targets += [(shown(p), p) for p in a.store]
+        targets += [(f"store {p.name!r} given with --store", p) for p in a.store]
         for label, path in targets:
             print(f"{label}:", flush=True)
-            stores[label] = bench_one(path, photos, a, Path(tmp))
+            result = bench_one(path, photos, a, Path(tmp))
+            stores[f"{result['rows']:,} rows: {label}"] = result  # no machine's paths in the results file
     big = [s for s in stores.values() if s["rows"] >= BIG_ROWS]
     errors = sum(r["errors"] for s in stores.values() for r in s["runs"].values())
     id_p50 = max((s["runs"]["id"]["p50_ms"] for s in big if "id" in s["runs"]), default=None)
