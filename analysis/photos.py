@@ -23,6 +23,17 @@ def thumbnail(path: str | Path, side: int) -> Image.Image | str:
     return img
 
 
+def square_thumbnail(path: str | Path, side: int) -> Image.Image | str:
+    """The centre square of the photo at ``path``, ``side`` x ``side`` (galleries of even tiles)."""
+    try:
+        _, img = load_image(Path(path))
+    except ImageError as e:
+        return e.reason
+    short = min(img.size)
+    left, top = (img.width - short) // 2, (img.height - short) // 2
+    return img.crop((left, top, left + short, top + short)).resize((side, side), Image.Resampling.LANCZOS)
+
+
 def preview(data: bytes, name: str, side: int) -> Image.Image | str:
     """An uploaded photo, decoded (never shown as the uploaded bytes themselves) and shrunk to fit ``side``."""
     try:

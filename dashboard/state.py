@@ -154,8 +154,9 @@ def _jpeg(img: Any, quality: int = 85) -> bytes:
 
 
 @st.cache_data(max_entries=20_000, show_spinner=False)
-def thumbnail(key: StoreKey, image_id: str, side: int = THUMB_SIDE) -> bytes:
-    """A JPEG thumbnail of one *indexed* image, looked up by id.
+def thumbnail(key: StoreKey, image_id: str, side: int = THUMB_SIDE, square: bool = False) -> bytes:
+    """A JPEG thumbnail of one *indexed* image, looked up by id; ``square``: its centre square (galleries line
+    up in even rows), else the whole photo.
 
     Security: the file is found through the store's own id -> path table and read with the indexer's safe
     loader; nothing a user types or uploads ever becomes a path here.  An id the store does not hold, or a
@@ -166,7 +167,7 @@ def thumbnail(key: StoreKey, image_id: str, side: int = THUMB_SIDE) -> bytes:
     file = _id_paths(key.path, key.version).get(image_id)
     if file is None:
         return _placeholder(side, "not in store")
-    img = photos.thumbnail(file, side)
+    img = photos.square_thumbnail(file, side) if square else photos.thumbnail(file, side)
     return _placeholder(side, img[:24]) if isinstance(img, str) else _jpeg(img)
 
 

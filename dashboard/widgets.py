@@ -30,11 +30,11 @@ def plain(text: str) -> str:
 
 
 def gallery(key: StoreKey, ids: Sequence[str], captions: Sequence[str] | None = None, *, width: int = 130) -> None:
-    """Thumbnails of indexed images (by id: the only way a file reaches the browser), wrapped in rows."""
+    """Square thumbnails of indexed images (by id: the only way a file reaches the browser), wrapped in rows."""
     if not ids:
         st.caption("(no images)")
         return
-    thumbs = [state.thumbnail(key, i) for i in ids]
+    thumbs = [state.thumbnail(key, i, square=True) for i in ids]
     st.image(thumbs, caption=list(captions) if captions is not None else None, width=width)
 
 
@@ -43,6 +43,37 @@ def preselect(widget_key: str, relpath: str) -> None:
     another page (the map's clicked photo) hands a photo over."""
     st.session_state[f"{widget_key}-filter"] = relpath
     st.session_state[widget_key] = relpath
+
+
+GALLERY_PICKER_ROWS = 60
+
+
+def gallery_picker(key: StoreKey, store: Store, *, widget_key: str, target: str) -> None:
+    """A searchable gallery (thumbnails in a table: filter by breed, search with the table's own search, pick a
+    row); the picked photo becomes the choice of the :func:`image_picker` whose key is ``target``."""
+    import base64
+
+    images = store.images
+    breeds = sorted(images["breed"].dropna().astype(str).unique())
+    breed = st.selectbox("Breed", ["(any)", *breeds], key=f"{widget_key}-breed")
+    rows = images if breed == "(any)" else images[images["breed"] == breed]
+    rows = rows.sort_values("relpath").head(GALLERY_PICKER_ROWS)
+    table = pd.DataFrame({
+        "photo": ["data:image/jpeg;base64," + base64.b64encode(state.thumbnail(key, str(i), 96, square=True)
+                                                               ).decode("ascii") for i in rows["id"]],
+        "breed": rows["breed"].fillna("?").to_numpy(), "file": rows["relpath"].astype(str).to_numpy(),
+    })
+    if len(rows) == GALLERY_PICKER_ROWS:
+        st.caption(f"The first {GALLERY_PICKER_ROWS} photos; pick a breed to see others.")
+    event = st.dataframe(table, hide_index=True, on_select="rerun", selection_mode="single-row",
+                         key=f"{widget_key}-table", row_height=72,
+                         column_config={"photo": st.column_config.ImageColumn("photo", width="small")})
+    picked = list(getattr(getattr(event, "selection", None), "rows", []) or [])
+    if picked:
+        relpath = str(table["file"].iloc[picked[0]])
+        if st.session_state.get(f"{widget_key}-applied") != relpath:  # once per pick: later typing wins
+            st.session_state[f"{widget_key}-applied"] = relpath
+            preselect(target, relpath)
 
 
 def image_picker(key: StoreKey, label: str, *, widget_key: str, default_index: int = 0) -> str:

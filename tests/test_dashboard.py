@@ -385,6 +385,17 @@ def test_pages_run_on_a_store_without_models(pets_store: Path, monkeypatch: pyte
         assert at.radio(key="query-source").options == ["Indexed photo", "Upload"]  # no text tower
 
 
+def test_query_gallery_picker_lists_thumbnails_by_breed(pets_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = page("query", pets_store, monkeypatch)
+    no_exception(at)
+    gallery = table_with(at, "photo", "breed", "file")
+    assert len(gallery) == 60 and gallery["photo"].str.startswith("data:image/jpeg;base64,").all()
+    at.selectbox(key="query-gallery-breed").set_value("sphynx").run()
+    no_exception(at)
+    gallery = table_with(at, "photo", "breed", "file")
+    assert set(gallery["breed"]) == {"sphynx"} and len(gallery) == 40
+
+
 def test_query_by_text_prompt_on_an_open_clip_store(clip_store: tuple[Path, str, list[Path]],
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     store_path, _, _ = clip_store

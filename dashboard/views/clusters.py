@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
 import streamlit as st
 
 from dashboard import state, widgets
 
 THUMBS_PER_CLUSTER = 12
+MIX_CLUSTERS = 40  # bars in the breed-mix chart (the largest clusters); the table lists them all
 
 
 def _members(frame: pd.DataFrame, cluster: int, n: int) -> list[str]:
@@ -52,6 +55,8 @@ def render() -> None:
                  column_config={"purity": st.column_config.ProgressColumn(format="percent", min_value=0,
                                                                           max_value=1),
                                 "top_breeds": st.column_config.TextColumn("top 3 breeds (share)")})
+    st.plotly_chart(breed_mix_figure(frame, store.images, table["cluster"].astype(int).tolist()[:MIX_CLUSTERS]),
+                    key="clusters-mix")
     with st.expander("Agreement with every label"):
         st.caption("NMI and ARI between the clusters and each label (1 = the clusters are the label's groups).")
         st.dataframe(agreement, hide_index=True)
@@ -83,3 +88,31 @@ def breed_mix(frame: pd.DataFrame, images: pd.DataFrame, top: int = 3) -> pd.Dat
         shares = part["breed"].fillna("unlabelled").value_counts(normalize=True).head(top)
         rows.append({"cluster": cluster, "top_breeds": " · ".join(f"{b} {v:.0%}" for b, v in shares.items())})
     return pd.DataFrame(rows, columns=["cluster", "top_breeds"])
+
+
+def breed_mix_figure(frame: pd.DataFrame, images: pd.DataFrame, clusters: list[int], top: int = 3) -> go.Figure:
+    """One stacked bar per cluster: the shares of its ``top`` breeds, the rest as "other"."""
+    df = frame[["id", "cluster"]].merge(images[["id", "breed"]], on="id", how="left")
+    fig = go.Figure()
+    rows: list[tuple[str, str, float]] = []
+    for cluster in clusters:
+        shares = df[df["cluster"] == cluster]["breed"].fillna("unlabelled").value_counts(normalize=True)
+        for breed, share in shares.head(top).items():
+            rows.append((f"cluster {cluster}", str(breed), float(share)))
+        if len(shares) > top:
+            rows.append((f"cluster {cluster}", "other", float(shares.iloc[top:].sum())))
+    mix = pd.DataFrame(rows, columns=["cluster", "breed", "share"])
+    colours = px.colors.qualitative.Dark24 + px.colors.qualitative.Light24
+    for i, breed in enumerate([*sorted(b for b in mix["breed"].unique() if b != "other"), "other"]):
+        part = mix[mix["breed"] == breed]
+        if part.empty:
+            continue
+        fig.add_trace(go.Bar(y=part["cluster"], x=part["share"], name=breed, orientation="h",
+                             marker={"color": "#c8c8c8" if breed == "other" else colours[i % len(colours)]},
+                             hovertemplate=f"%{{y}}: {breed} %{{x:.0%}}<extra></extra>"))
+    fig.update_layout(barmode="stack", title=f"Top {top} breeds per cluster (largest clusters first)",
+                      xaxis={"tickformat": ".0%", "range": [0, 1]}, showlegend=False,
+                      yaxis={"autorange": "reversed", "categoryorder": "array",
+                             "categoryarray": [f"cluster {c}" for c in clusters]},
+                      height=120 + 22 * len(clusters), margin={"l": 10, "r": 10, "t": 40, "b": 10})
+    return fig

@@ -90,6 +90,8 @@ def render() -> None:
         elif source == "Text prompt":
             found = _text_neighbours(key, k)
         else:
+            with st.expander("Pick from a gallery"):
+                widgets.gallery_picker(key, store, widget_key="query-gallery", target="query-image")
             image_id = widgets.image_picker(key, "Indexed photo", widget_key="query-image")
             # On by default: a vote that counts the photo itself always leans towards its own breed.
             leave_out = st.checkbox("Leave the photo itself out", value=True, key="query-exclude-self",

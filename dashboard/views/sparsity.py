@@ -228,7 +228,7 @@ def render() -> None:
     view = c1.radio("View", list(VIEWS), format_func=VIEWS.__getitem__, horizontal=True, key="sparsity-view",
                     help="Depth changes sparsity far more than the groups do: relative to the pooled curve, the "
                          "groups' differences are what is left")
-    show_all = c2.checkbox("Show the pooled curve (all images)", True, key="sparsity-all")
+    show_all = c2.checkbox("Pooled curve", True, key="sparsity-all", help="all images together")
     significant = set(tests.loc[tests["significant"], "layer_index"].astype(int))
     st.markdown(summary_sentence(curves, tests, chosen, metric))
     st.plotly_chart(depth_figure(view_curves(curves, view), (["all"] if show_all else []) + chosen, significant,
