@@ -12,10 +12,11 @@ three), computed from a store's search index and images table:
   files never reach the store twice (ids are content hashes; ``mammals index`` counts the ones it skipped).
 * **Likely label errors.**  Out-of-fold class probabilities of a logistic regression on the embeddings
   (``folds``-fold, stratified), given to cleanlab's ``find_label_issues`` (confident learning,
-  ``filter_by="low_self_confidence"``).  Its flags include the ordinary confusions of similar breeds (on pets
-  about 45 of 1,140 photos, mostly pit bull / Staffordshire-like pairs); a flag is *likely* a label error when the
-  model also gives the given label an out-of-fold probability below ``label_max_probability``.  Planted
-  relabellings on pets: precision 0.73-1.0, recall 0.7-1.0 over 10 random plantings of 10 (probability 0.01).
+  ``filter_by="low_self_confidence"``).  Its flags include the ordinary confusions of look-alike breeds (on the
+  pets labels 40 of 1,140 photos); a flag is *likely* a label error when the model also gives the given label an
+  out-of-fold probability below ``label_max_probability`` (2 on the pets labels: a "shih tzu" that is a black pug,
+  and a doubtful "yorkshire terrier").  Ten planted relabellings are found with precision and recall of 0.7-1.0
+  (11 random plantings; the set's own 2-3 suspects were the usual extra finds).
 * **Outliers.**  The mean cosine distance from a photo to its ``k`` nearest neighbours (the kNN distance that
   cleanlab's ``OutOfDistribution`` scores features with), ranked; the top ``outlier_flag_fraction`` is flagged.
   A dog among cats, a drawing or a screenshot sits far from everything else.
