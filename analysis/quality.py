@@ -45,6 +45,7 @@ from indexer import defaults
 from indexer.images import ImageError, load_image
 from indexer.store import Store, schema
 from indexer.store.atomic import atomic_write, atomic_write_json
+from indexer.store.store import ImageLookup
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ class Neighbourhood:
     ids: list[str]
     nbr: np.ndarray  # (n, k) row numbers of the neighbours, -1 where fewer exist
     sim: np.ndarray  # (n, k) cosine similarities, best first
+    lookup: ImageLookup  # the images table the rows came from (path, labels)
+    image_rows: np.ndarray  # (n,) each row's position in ``lookup``
 
 
 @dataclass
@@ -111,16 +114,18 @@ def neighbourhood(store: Store, space: str, k: int) -> Neighbourhood:
         fids_blocks.append(np.asarray(fids, np.int64))
         nbr_blocks.append(np.where(np.take_along_axis(keep, order, 1), np.take_along_axis(found, order, 1), -1))
         sim_blocks.append(np.take_along_axis(sims, order, 1))
+    lookup = store.image_lookup()
     if not fids_blocks:
-        return Neighbourhood([], np.empty((0, k), np.int64), np.empty((0, k), np.float32))
+        return Neighbourhood([], np.empty((0, k), np.int64), np.empty((0, k), np.float32), lookup,
+                             np.empty(0, np.int64))
     fids = np.concatenate(fids_blocks)
     nbr_fids, sims = np.concatenate(nbr_blocks), np.concatenate(sim_blocks).astype(np.float32)
     order = np.argsort(fids)
     pos = np.searchsorted(fids, nbr_fids, sorter=order)
     rows = np.where(nbr_fids >= 0, order[np.minimum(pos, len(fids) - 1)], -1)
-    lookup = store.image_lookup()
-    ids = [str(i) for i in lookup.id[lookup.positions(fids)]]
-    return Neighbourhood(ids, rows, np.where(rows >= 0, sims, np.nan).astype(np.float32))
+    image_rows = lookup.positions(fids)
+    ids = [str(i) for i in lookup.id[image_rows]]
+    return Neighbourhood(ids, rows, np.where(rows >= 0, sims, np.nan).astype(np.float32), lookup, image_rows)
 
 
 # ---------------------------------------------------------------------------------------------- duplicates
@@ -171,15 +176,14 @@ def find_duplicates(store: Store, hood: Neighbourhood, params: QualityParams = Q
     for a, b, s in zip(rows_a.tolist(), rows_b.tolist(), hood.sim[rows_a, cols].tolist(), strict=True):
         if b >= 0:
             cand[(min(a, b), max(a, b))] = s
-    by_id = store.images.set_index("id")
+    path_of = hood.lookup.path[hood.image_rows]
     need = sorted({r for pair in cand for r in pair})
-    paths = by_id.loc[[hood.ids[r] for r in need], "path"].astype(str).tolist()
+    paths = [str(path_of[r]) for r in need]
     with ThreadPoolExecutor(max(1, params.workers)) as pool:  # reading and decoding release the GIL
         hashes = dict(zip(need, pool.map(_hash_file, paths), strict=True))
-    unreadable = {hood.ids[r]: h for r, h in hashes.items() if isinstance(h, str)}
-    for image_id, why in unreadable.items():
-        log.warning("%s: no perceptual hash (%s); its duplicate candidates are skipped",
-                    by_id.loc[image_id, "path"], why)
+    unreadable = {r: h for r, h in hashes.items() if isinstance(h, str)}
+    for r, why in unreadable.items():
+        log.warning("%s: no perceptual hash (%s); its duplicate candidates are skipped", path_of[r], why)
     found = []
     for (a, b), s in cand.items():
         ha, hb = hashes[a], hashes[b]
@@ -187,16 +191,14 @@ def find_duplicates(store: Store, hood: Neighbourhood, params: QualityParams = Q
             continue
         bits = int(ha ^ hb).bit_count()
         if bits <= params.duplicate_max_hash_bits:
-            found.append((hood.ids[a], hood.ids[b], s, bits))
+            found.append((hood.ids[a], hood.ids[b], str(path_of[a]), str(path_of[b]), s, bits))
     cols_out = ["group", "kind", "id_a", "id_b", "path_a", "path_b", "cosine", "hash_bits", "reason"]
     if not found:
         return pd.DataFrame(columns=cols_out), {"candidates": len(cand), "unreadable": len(unreadable)}
-    df = pd.DataFrame(found, columns=["id_a", "id_b", "cosine", "hash_bits"])
+    df = pd.DataFrame(found, columns=["id_a", "id_b", "path_a", "path_b", "cosine", "hash_bits"])
     group = _groups(list(zip(df["id_a"], df["id_b"], strict=True)))
     df["group"] = df["id_a"].map(group)
     df["kind"] = np.where((df["hash_bits"] == 0) & (df["cosine"] >= 0.999), "exact", "near")
-    df["path_a"] = by_id.loc[df["id_a"], "path"].to_numpy()
-    df["path_b"] = by_id.loc[df["id_b"], "path"].to_numpy()
     df["reason"] = [f"perceptual hashes differ in {h} of {HASH_BITS} bits (<= {params.duplicate_max_hash_bits}); "
                     f"{params.space} cosine {c:.3f}" for h, c in zip(df["hash_bits"], df["cosine"], strict=True)]
     df = df.sort_values(["hash_bits", "cosine"], ascending=[True, False], ignore_index=True)
@@ -234,11 +236,10 @@ def find_label_issues(store: Store, params: QualityParams = QualityParams(), lab
                              "left_out_small_classes": small}
     if len(kept_classes) < 2:
         return pd.DataFrame(columns=cols_out), {**stats, "skipped": "fewer than two classes with enough photos"}
-    sp = store.space(params.space)
-    row_of = {i: r for r, i in enumerate(sp.ids)}
-    ids = [i for i in given.index if i in row_of]
-    x = sp.vectors[[row_of[i] for i in ids]]
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    in_space = set(store.sorted_space_ids(params.space))
+    ids = [i for i in given.index if i in in_space]
+    # Unit rows of the labelled photos only, read from the index files (not the whole space into memory).
+    x = store.vector_index(params.space).vectors_of([schema.faiss_id_of(i) for i in ids])
     classes, y = np.unique(given.loc[ids].to_numpy(), return_inverse=True)
     t = time.perf_counter()
     # C=10: the embeddings are unit rows, and a weaker fit (C=1) leaves the given label of ordinary photos at low
@@ -258,7 +259,8 @@ def find_label_issues(store: Store, params: QualityParams = QualityParams(), lab
         "suggested_probability": probs[flagged, best].round(4),
         "likely": p_given < params.label_max_probability,
     })
-    df["path"] = images.loc[df["id"], "path"].to_numpy() if len(df) else []
+    lookup = store.image_lookup()
+    df["path"] = lookup.path[lookup.positions([schema.faiss_id_of(i) for i in df["id"]])]
     df["reason"] = [f"{params.label} {g!r} has out-of-fold probability {pg:.3f}; the photos' classifier says {s!r} "
                     f"({ps:.2f})" for g, pg, s, ps in zip(df["given"], df["given_probability"], df["suggested"],
                                                         df["suggested_probability"], strict=True)]
@@ -279,7 +281,6 @@ def outlier_scores(store: Store, hood: Neighbourhood, params: QualityParams = Qu
     rank = np.empty(n, np.int64)
     rank[order] = np.arange(1, n + 1)
     flag_n = int(np.ceil(n * params.outlier_flag_fraction)) if n else 0
-    by_id = store.images.set_index("id")
     first = hood.nbr[:, 0] if n else np.empty(0, np.int64)
     df = pd.DataFrame({
         "id": hood.ids,
@@ -290,9 +291,9 @@ def outlier_scores(store: Store, hood: Neighbourhood, params: QualityParams = Qu
         "nearest_id": [hood.ids[j] if j >= 0 else None for j in first],
         "nearest_similarity": hood.sim[:, 0].round(4) if n else [],
     })
-    df["path"] = by_id.loc[df["id"], "path"].to_numpy() if n else []
-    for col in ("species", "breed"):
-        df[col] = by_id.loc[df["id"], col].to_numpy() if n else []
+    df["path"] = hood.lookup.path[hood.image_rows]
+    df["species"] = hood.lookup.species[hood.image_rows]
+    df["breed"] = hood.lookup.breed[hood.image_rows]
     df["reason"] = [f"mean cosine distance {s:.3f} to its {params.k} nearest photos (rank {r} of {n})"
                     for s, r in zip(df["score"], df["rank"], strict=True)]
     return df.sort_values("rank", ignore_index=True)
