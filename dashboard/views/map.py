@@ -236,8 +236,9 @@ def render() -> None:
         value = scatter_map(fig.to_plotly_json(), points, sprite=sprite,
                             state={"clicked": clicked, "selected": selected}, key=chart_key)
     clicked, selected = event_state(value)
+    known = set(full["id"].astype(str))  # a stored click or selection may name photos of an older version
     with right:
-        if clicked and clicked in set(full["id"].astype(str)):
+        if clicked and clicked in known:
             _clicked_panel(key, store, space, clicked)
         else:
             st.caption("Click a point to see its nearest photos and their breed vote here.")
@@ -245,7 +246,7 @@ def render() -> None:
     if not selected:
         st.caption("No selection yet.")
         return
-    chosen = full.set_index("id").loc[[i for i in selected if i in set(full["id"])]].reset_index()
+    chosen = full.set_index("id").loc[[i for i in selected if i in known]].reset_index()
     st.subheader(f"Selection: {len(chosen):,} image(s)")
     breeds = chosen["breed"].fillna(UNKNOWN).value_counts()
     st.caption(" · ".join(f"{b} {n}" for b, n in breeds.head(8).items()))
