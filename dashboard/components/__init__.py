@@ -2,9 +2,9 @@
 
 ``scatter_map``: the map's plotly scatter with a hover card (thumbnail, breed, species, cluster) and clicks and
 box/lasso selections reported back.  Its frontend is ``scatter/index.html``; plotly.js is the copy that the
-installed ``plotly`` package ships, copied once into a cache folder beside ``index.html`` (Streamlit serves a
-component's files from one folder and refuses symlinks that leave it), so the browser fetches nothing from any
-network.
+installed ``plotly`` package ships, copied once into a cache folder (``~/.cache/mammals``) beside ``index.html``
+(Streamlit serves a component's files from one folder and refuses symlinks that leave it), so the browser
+fetches nothing from any network.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -39,9 +40,12 @@ def _frontend_dir() -> Path:
     html = (HERE / "scatter" / "index.html").read_bytes()
     js = Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
     tag = hashlib.sha256(html + plotly.__version__.encode()).hexdigest()[:12]
-    target = Path(tempfile.gettempdir()) / f"mammals-scatter-{tag}"
-    if not (target / "plotly.min.js").is_file():
-        tmp = Path(tempfile.mkdtemp(prefix=".mammals-scatter-", dir=target.parent))
+    # The user's own cache, not the shared temp folder, where another user could plant a folder of that name.
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mammals"
+    target = cache / f"scatter-{tag}"
+    if not (target / "plotly.min.js").is_file() or not (target / "index.html").is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".scatter-", dir=cache))
         shutil.copyfile(js, tmp / "plotly.min.js")
         (tmp / "index.html").write_bytes(html)
         try:
