@@ -150,6 +150,18 @@ def create_app(store_path: Path, *, token: str | None = None, max_upload_bytes: 
     """The service's FastAPI app over the store at ``store_path`` (loaded now: a bad store fails at start)."""
     import faiss
 
+    from analysis.neighbours import (
+        QUERY_JSON_SCHEMA,
+        QueryResult,
+        breed_votes,
+        check_space,
+        query_ids,
+        query_image,
+        query_texts,
+        resolve_id,
+        search_vectors,
+    )
+
     # A server searches one query at a time, which faiss's OpenMP threads do not speed up; left on, they spin
     # beside torch's and the request threads (measured on 2 cores: image queries 26 -> 45 req/s, 16 clients).
     faiss.omp_set_num_threads(1)
@@ -164,17 +176,6 @@ def create_app(store_path: Path, *, token: str | None = None, max_upload_bytes: 
             raise HTTPException(400, f"{name}: {e.reason}") from None
         return query_image(state.store, name, img, k=k, space=space, encoder=state.encoder, models=state.models,
                            device=state.device)
-    from analysis.neighbours import (
-        QUERY_JSON_SCHEMA,
-        QueryResult,
-        breed_votes,
-        check_space,
-        query_ids,
-        query_image,
-        query_texts,
-        resolve_id,
-        search_vectors,
-    )
 
     service = StoreService(store_path, device)
     app = FastAPI(title="Mammals Space", version="1",
