@@ -167,7 +167,7 @@ def _groups(pairs: Sequence[tuple[str, str]]) -> dict[str, int]:
     return {x: number[root(x)] for x in parent}
 
 
-def find_duplicates(store: Store, hood: Neighbourhood, params: QualityParams = QualityParams()
+def find_duplicates(hood: Neighbourhood, params: QualityParams = QualityParams()
                     ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Pairs of near-duplicate photos, most alike first, and counts (candidates, unreadable photos)."""
     rows_a, cols = np.nonzero(hood.sim >= params.duplicate_min_cosine)
@@ -271,7 +271,7 @@ def find_label_issues(store: Store, params: QualityParams = QualityParams(), lab
 # ---------------------------------------------------------------------------------------------- outliers
 
 
-def outlier_scores(store: Store, hood: Neighbourhood, params: QualityParams = QualityParams()) -> pd.DataFrame:
+def outlier_scores(hood: Neighbourhood, params: QualityParams = QualityParams()) -> pd.DataFrame:
     """Every photo's outlier score (mean cosine distance to its k nearest photos), highest first."""
     with np.errstate(invalid="ignore"):
         score = 1.0 - np.nanmean(np.where(hood.nbr >= 0, hood.sim, np.nan), axis=1) if len(hood.ids) else np.empty(0)
@@ -312,14 +312,14 @@ def quality_report(store: Store, params: QualityParams = QualityParams(), *, lab
     hood = neighbourhood(store, params.space, params.k) if {"duplicates", "outliers"} & set(checks) else None
     dups, labels_df, outliers = empty, empty, empty
     if "duplicates" in checks and hood is not None:
-        dups, stats = find_duplicates(store, hood, params)
+        dups, stats = find_duplicates(hood, params)
         summary["duplicates"] = {**stats, "pairs": len(dups), "groups": int(dups["group"].nunique()) if len(dups)
                                  else 0, "exact_pairs": int((dups["kind"] == "exact").sum()) if len(dups) else 0}
     if "labels" in checks:
         labels_df, stats = find_label_issues(store, params, labels)
         summary["label_issues"] = stats
     if "outliers" in checks and hood is not None:
-        outliers = outlier_scores(store, hood, params)
+        outliers = outlier_scores(hood, params)
         summary["outliers"] = {"scored": len(outliers), "flagged": int(outliers["flagged"].sum()),
                                "top_score": float(outliers["score"].iloc[0]) if len(outliers) else None,
                                "median_score": float(outliers["score"].median()) if len(outliers) else None}
