@@ -411,7 +411,7 @@ def _run_quality(a: argparse.Namespace) -> int:
     params = QualityParams(space=a.space, k=a.k, label=a.label, duplicate_max_hash_bits=a.max_hash_bits,
                            outlier_flag_fraction=a.outlier_fraction)
     try:
-        report = quality_report(store, params, checks=checks)
+        report = quality_report(store, params, checks=checks, progress=not a.quiet)
     except ValueError as e:  # a label column the store lacks
         raise UsageError(str(e)) from None
     if a.out is not None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from PIL import Image
+from tqdm import tqdm
 
 from indexer import defaults
 from indexer.images import ImageError, load_image
@@ -101,12 +103,15 @@ class QualityReport:
 # ---------------------------------------------------------------------------------------------- neighbours
 
 
-def neighbourhood(store: Store, space: str, k: int) -> Neighbourhood:
+def neighbourhood(store: Store, space: str, k: int, *, progress: bool = False) -> Neighbourhood:
     """k nearest neighbours of every row of ``space`` from its published index (exact for flat indexes, the
     tuned recall of an IVF one), searched one block of rows at a time."""
     index = store.vector_index(space)
     fids_blocks, nbr_blocks, sim_blocks = [], [], []
+    bar = tqdm(total=index.ntotal, unit="img", desc="neighbours", file=sys.stderr, disable=not progress,
+               dynamic_ncols=True)
     for fids, vecs in index.iter_rows(_SEARCH_BLOCK_ROWS):
+        bar.update(len(fids))
         sims, found = index.search(np.asarray(vecs, np.float32), k + 1)
         # Drop each row itself by id, not by rank: an exact duplicate may tie with it or outrank it.
         keep = found != fids[:, None]
@@ -114,6 +119,7 @@ def neighbourhood(store: Store, space: str, k: int) -> Neighbourhood:
         fids_blocks.append(np.asarray(fids, np.int64))
         nbr_blocks.append(np.where(np.take_along_axis(keep, order, 1), np.take_along_axis(found, order, 1), -1))
         sim_blocks.append(np.take_along_axis(sims, order, 1))
+    bar.close()
     lookup = store.image_lookup()
     if not fids_blocks:
         return Neighbourhood([], np.empty((0, k), np.int64), np.empty((0, k), np.float32), lookup,
@@ -167,7 +173,7 @@ def _groups(pairs: Sequence[tuple[str, str]]) -> dict[str, int]:
     return {x: number[root(x)] for x in parent}
 
 
-def find_duplicates(hood: Neighbourhood, params: QualityParams = QualityParams()
+def find_duplicates(hood: Neighbourhood, params: QualityParams = QualityParams(), *, progress: bool = False
                     ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Pairs of near-duplicate photos, most alike first, and counts (candidates, unreadable photos)."""
     rows_a, cols = np.nonzero(hood.sim >= params.duplicate_min_cosine)
@@ -180,7 +186,9 @@ def find_duplicates(hood: Neighbourhood, params: QualityParams = QualityParams()
     need = sorted({r for pair in cand for r in pair})
     paths = [str(path_of[r]) for r in need]
     with ThreadPoolExecutor(max(1, params.workers)) as pool:  # reading and decoding release the GIL
-        hashes = dict(zip(need, pool.map(_hash_file, paths), strict=True))
+        hashed = tqdm(pool.map(_hash_file, paths), total=len(paths), unit="img", desc="hashes", file=sys.stderr,
+                      disable=not progress, dynamic_ncols=True)
+        hashes = dict(zip(need, hashed, strict=True))
     unreadable = {r: h for r, h in hashes.items() if isinstance(h, str)}
     for r, why in unreadable.items():
         log.warning("%s: no perceptual hash (%s); its duplicate candidates are skipped", path_of[r], why)
@@ -303,19 +311,24 @@ def outlier_scores(hood: Neighbourhood, params: QualityParams = QualityParams())
 
 
 def quality_report(store: Store, params: QualityParams = QualityParams(), *, labels: pd.Series | None = None,
-                   checks: Sequence[str] = ("duplicates", "labels", "outliers")) -> QualityReport:
-    """The three checks (or those named in ``checks``) on one store version."""
+                   checks: Sequence[str] = ("duplicates", "labels", "outliers"), progress: bool = False
+                   ) -> QualityReport:
+    """The three checks (or those named in ``checks``) on one store version; ``progress``: bars on stderr for
+    the neighbour search and the hashing, and a log line per step."""
     t0 = time.perf_counter()
     summary: dict[str, Any] = {"schema": QUALITY_JSON_SCHEMA, "store": str(store.path), "version": store.version,
                                "images": len(store), "params": asdict(params)}
     empty = pd.DataFrame()
-    hood = neighbourhood(store, params.space, params.k) if {"duplicates", "outliers"} & set(checks) else None
+    hood = (neighbourhood(store, params.space, params.k, progress=progress)
+            if {"duplicates", "outliers"} & set(checks) else None)
     dups, labels_df, outliers = empty, empty, empty
     if "duplicates" in checks and hood is not None:
-        dups, stats = find_duplicates(hood, params)
+        dups, stats = find_duplicates(hood, params, progress=progress)
         summary["duplicates"] = {**stats, "pairs": len(dups), "groups": int(dups["group"].nunique()) if len(dups)
                                  else 0, "exact_pairs": int((dups["kind"] == "exact").sum()) if len(dups) else 0}
     if "labels" in checks:
+        if progress:
+            log.info("label check: %d-fold logistic regression on the %s space", params.folds, params.space)
         labels_df, stats = find_label_issues(store, params, labels)
         summary["label_issues"] = stats
     if "outliers" in checks and hood is not None:

@@ -129,7 +129,9 @@ def test_quality_cli_writes_csvs_and_json(cat_folder, tmp_path: Path, capsys: py
     store, dogs, _ = cat_folder
     out = tmp_path / "q"
     assert cli(["quality", str(store), "--out", str(out), "--json", "--checks", "duplicates,outliers"]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)  # data on stdout, progress on stderr
+    assert "neighbours" in captured.err and "hashes" in captured.err
     assert summary["schema"] == "mammals.quality/1" and summary["duplicates"]["pairs"] >= 10
     assert sorted(p.name for p in out.iterdir()) == ["duplicates.csv", "outliers.csv", "summary.json"]
     outliers = pd.read_csv(out / "outliers.csv")
