@@ -68,18 +68,16 @@ def _component() -> Any:
 
 
 def sprite_sheet(images: Sequence[Image.Image | None], cell: int = SPRITE_CELL) -> dict[str, Any]:
-    """One JPEG holding every image as a ``cell`` x ``cell`` square (centre crop), row by row, as a data URL:
-    the browser receives the thumbnails of a whole map at once, so hovering a point needs no request."""
+    """One JPEG holding every image (``cell`` x ``cell`` squares, e.g. ``analysis.photos.square_thumbnail``; None
+    leaves a grey cell), row by row, as a data URL: the browser receives the thumbnails of a whole map at once,
+    so hovering a point needs no request."""
     cols = max(1, int(len(images) ** 0.5 + 0.999))
     rows = max(1, (len(images) + cols - 1) // cols)
     sheet = Image.new("RGB", (cols * cell, rows * cell), (238, 238, 238))
     for i, img in enumerate(images):
-        if img is None:
-            continue
-        side = min(img.size)
-        left, top = (img.width - side) // 2, (img.height - side) // 2
-        square = img.crop((left, top, left + side, top + side)).resize((cell, cell), Image.Resampling.BILINEAR)
-        sheet.paste(square, ((i % cols) * cell, (i // cols) * cell))
+        if img is not None:
+            sheet.paste(img if img.size == (cell, cell) else img.resize((cell, cell)),
+                        ((i % cols) * cell, (i // cols) * cell))
     buf = io.BytesIO()
     sheet.save(buf, format="JPEG", quality=80)
     return {"url": "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), "cell": cell,

@@ -124,14 +124,14 @@ def _figure(df: pd.DataFrame, colour: str, cells: Mapping[str, int], highlight: 
 @st.cache_data(max_entries=4, show_spinner=False)
 def sprite_for(key: StoreKey, ids: tuple[str, ...]) -> tuple[dict[str, Any] | None, dict[str, int]]:
     """The sprite sheet of ``ids`` (their thumbnails) and each id's cell; (None, {}) beyond SPRITE_MAX_POINTS."""
-    from analysis.photos import thumbnail
+    from analysis.photos import square_thumbnail
 
     if len(ids) > SPRITE_MAX_POINTS:
         return None, {}
     paths = widgets.store_images(state.store_for(key), list(ids))["path"].astype(str).tolist()
 
     def load(path: str) -> Any:
-        img = thumbnail(path, 2 * SPRITE_CELL)
+        img = square_thumbnail(path, SPRITE_CELL)
         return None if isinstance(img, str) else img  # an unreadable photo keeps a grey cell
 
     with ThreadPoolExecutor(4) as pool:  # reading and decoding release the GIL
