@@ -8,6 +8,9 @@ runner does, because that is how one finds out whether indexing is decode-bound 
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -91,12 +94,42 @@ def collate(items: list[dict[str, Any]]) -> Batch:
     """One batch from its items, in input order: results for every file, stacked tensors for the decoded ones."""
     results = [it["result"] for it in items]
     oks = [it["tensors"] for it in items if "tensors" in it]
-    tensors = {name: torch.stack([t[name] for t in oks]) for name in (oks[0] if oks else {})}
+    tensors = {name: _stack([t[name] for t in oks]) for name in (oks[0] if oks else {})}
     return Batch(results, tensors)
+
+
+def _stack(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``, except that ``(C, H, W)`` views of channel-last memory (the fused preprocessing's output
+    for a channels-last encoder) stack into a channels-last batch: one copy here instead of a second one into
+    that layout on the model's thread."""
+    if all(t.dim() == 3 and t.stride(0) == 1 and t.shape[0] > 1 for t in parts):
+        return torch.stack([t.permute(1, 2, 0) for t in parts]).permute(0, 3, 1, 2)
+    return torch.stack(parts)
 
 
 # Batches decoded ahead of the one the model is running on.
 PREFETCH_BATCHES = 2
+
+# Nice value of the decode threads (Linux): see lower_thread_priority.
+DECODE_NICE = 19
+
+
+def lower_thread_priority() -> None:
+    """Give the calling thread the lowest CPU priority (Linux; elsewhere nothing changes).
+
+    Decode threads run ahead of the forward pass on the same cores. At equal priority the scheduler splits a core
+    between a decode thread and one of torch's threads, and the forward pass, whose threads meet at every layer,
+    waits for its slowest thread: on 2 cores one decode thread beside the forward pass cost it 20-30% (pets,
+    ``benchmarks/bench_index.py``). At nice 19 a decode thread runs where a core would idle (between layers, in
+    the single-threaded parts of the forward pass and of the sparsity hooks), and when the forward pass outruns
+    it and waits for a batch, it has the cores to itself. Linux alone sets the nice value per thread (POSIX has
+    it per process), so only there is the thread's id passed to ``setpriority``."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DECODE_NICE)
+    except OSError as e:  # a sandbox that forbids it: run at normal priority
+        log.debug("could not lower the decode thread's priority: %s", e)
 
 
 def iter_batches(
@@ -130,7 +163,7 @@ def iter_batches(
         for s in starts:
             yield make([dataset[i] for i in range(s, min(s + batch_size, len(dataset)))])
         return
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="mammals-decode")
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="mammals-decode", initializer=lower_thread_priority)
     try:
         pending: deque[list[Future[dict[str, Any]]]] = deque()
         for s in starts:

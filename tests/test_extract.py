@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
-from indexer.extract import PREFETCH_BATCHES, iter_batches
+from indexer.extract import DECODE_NICE, PREFETCH_BATCHES, iter_batches
 from tests.conftest import PETS, sample_photos
 from tests.helpers_badfiles import make_bad_corpus
 
@@ -51,3 +54,18 @@ def test_decode_threads_run_ahead_and_stop_with_the_consumer() -> None:
     batches.close()  # the consumer stops: queued decodes are cancelled and the threads exit
     assert len(decoded) <= 4 * (2 + PREFETCH_BATCHES)
     assert not [t for t in threading.enumerate() if t.name.startswith("mammals-decode")]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_decode_threads_run_at_the_lowest_priority_and_the_caller_is_untouched() -> None:
+    # Decode threads must not take a core from the forward pass (indexer/extract.py, lower_thread_priority).
+    seen: list[int] = []
+
+    def nice(img: object) -> torch.Tensor:
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return torch.zeros(3, 4, 4)
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    list(iter_batches([str(p) for p in sample_photos(4)], {"t": nice}, batch_size=2, workers=2))
+    assert seen and set(seen) == {DECODE_NICE}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before < DECODE_NICE
