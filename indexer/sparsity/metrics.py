@@ -51,9 +51,11 @@ Sampled metrics (the indexing default)
 :func:`sampled_sparsity_metrics` estimates the same four numbers from ``units`` (default
 :data:`DEFAULT_SAMPLE_UNITS`) entries of each image's layer drawn uniformly at random with replacement, so that
 the cost no longer grows with the layer (EfficientNet-Lite0's 33 layers hold 3.4 M activations per 224 px image:
-the exact sort costs about twice the forward pass itself).  The draw is seeded by the image's id and the layer's
-size (:class:`BatchSample`), so an image gets the same numbers in every run, batch and memory layout, and it
-differs from image to image, so the errors average out over a group of images instead of biasing a layer.
+the exact sort costs about twice the forward pass itself).  The draw is seeded by the image's id
+(:class:`BatchSample`: one sorted draw per image, read at the same relative places of every layer), so an image
+gets the same numbers in every run, batch and memory layout, and it differs from image to image, so the errors
+average out over a group of images instead of biasing a layer.  A hook only reads the sampled entries and the
+peak (:func:`take_sample`); the arithmetic runs once per batch for all layers (:func:`finish_samples`).
 
 - the peak ``s = max |a|`` is exact (a full-layer max, and min unless the layer is a ReLU: no sort; in a ReLU6
   layer an image whose sample reaches 6 has its peak without it), so ``near_zero_fraction`` is an unbiased
@@ -80,6 +82,7 @@ import hashlib
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -87,8 +90,8 @@ import torch
 
 from indexer import defaults
 
-__all__ = ["DEFAULT_SAMPLE_UNITS", "DEFAULT_THRESHOLD", "METRICS", "BatchSample", "image_seeds",
-           "sampled_sparsity_metrics", "sparsity_metrics"]
+__all__ = ["DEFAULT_SAMPLE_UNITS", "DEFAULT_THRESHOLD", "METRICS", "BatchSample", "LayerSample", "finish_samples",
+           "image_seeds", "sampled_sparsity_metrics", "sparsity_metrics", "take_sample"]
 
 METRICS: tuple[str, ...] = ("near_zero_fraction", "hoyer", "gini", "l1_l2_ratio")
 
@@ -276,47 +279,69 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
         return (x ^ (x >> np.uint64(31))) & _MASK64
 
 
-def _positions(seeds: np.ndarray, salt: int, units: int, n: int) -> np.ndarray:
-    """``(B, units)`` logical positions in ``[0, n)`` (NCHW order), uniform with replacement, from each image's
-    seed and a ``salt``: counter-based, so no generator is created per image."""
+def _uniforms(seeds: np.ndarray, units: int) -> np.ndarray:
+    """``(B, units)`` uniform float64 in [0, 1) from each image's seed: counter-based, so no generator is created
+    per image. A position in a layer of n entries is ``floor(u * n)`` (no modulo bias worth the name: n << 2**53)."""
     with np.errstate(over="ignore"):
-        base = _splitmix64(seeds.astype(np.uint64) ^ _splitmix64(np.array([salt], dtype=np.uint64)))
+        base = _splitmix64(seeds.astype(np.uint64))
         counters = base[:, None] + np.arange(units, dtype=np.uint64)[None, :]
-    # The top 53 bits as a float in [0, 1), times n: no modulo bias worth the name (n << 2**53).
-    u = (_splitmix64(counters) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-    return np.minimum((u * n).astype(np.int64), n - 1)
+    # The top 53 bits as a float in [0, 1).
+    return (_splitmix64(counters) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-def _memory_offsets(acts: torch.Tensor, logical: np.ndarray) -> torch.Tensor:
-    """Offsets (relative to each image's first entry) of NCHW-order positions, through the tensor's strides."""
-    c, h, w = (*acts.shape[1:], 0, 0, 0)[:3]
-    if acts.dim() == 4 and tuple(acts.stride()[1:]) == (1, w * c, c):
-        # Channels-last, the CPU layout of every CNN encoder here: (c, hw) -> hw * C + c in two operations
-        # instead of the loop's twelve (this ran for every layer shape of every batch).
-        hw_size = h * w
-        return torch.from_numpy((logical % hw_size) * c + logical // hw_size)
-    off = np.zeros_like(logical)
-    rem = logical.copy()
-    for size, stride in zip(reversed(acts.shape[1:]), reversed(acts.stride()[1:]), strict=True):
-        off += (rem % size) * stride
-        rem //= size
-    return torch.from_numpy(off)
+def _channels_last(acts: torch.Tensor) -> bool:
+    """A 4-D tensor whose entries lie in (H, W, C) order per image (torch's channels-last strides)."""
+    if acts.dim() != 4:
+        return False
+    c, _, w = acts.shape[1:]
+    return tuple(acts.stride()[1:]) == (1, w * c, c)
+
+
+def _offsets_of(acts: torch.Tensor, logical: np.ndarray, dense: bool) -> np.ndarray:
+    """Offsets into the rows of :func:`_rows` of the sample's logical positions, sorted per image.
+
+    Logical order is channel-last for a 4-D activation (``((y * W) + x) * C + c``) and the natural order
+    otherwise. ``logical`` is sorted, so where the memory is in that order (a channels-last tensor, the CPU
+    layout of every CNN encoder here, or any non-4-D tensor) the positions are the offsets already; an NCHW
+    tensor (dense, or copied into NCHW order by ``reshape``) maps them through its layout and sorts again."""
+    if acts.dim() != 4 or (dense and _channels_last(acts)):
+        return logical
+    c, h, w = acts.shape[1:]
+    pixel, channel = logical // c, logical % c  # pixel = y * W + x
+    if dense:
+        sc, sh, sw = acts.stride()[1:]
+        off = channel * sc + (pixel // w) * sh + (pixel % w) * sw
+    else:
+        off = channel * (h * w) + pixel  # reshape's copy: NCHW order
+    return np.sort(off, axis=1)
 
 
 class BatchSample:
-    """Which entries of each image's layers one batch reads: ``units`` positions per image and layer shape, drawn
-    from the image's id (:func:`image_seeds`) and the layer's size, so an image is read at the same entries in
-    every run and batch. Layers of the same shape share their positions within an image (their estimates are
-    each unbiased; sharing only correlates the errors of same-shaped layers), which lets the batch compute them,
-    and sort them into address order, once per shape."""
+    """Which entries of each image's layers one batch reads: ``units`` positions per image and layer, from the
+    image's id (:func:`image_seeds`), so an image is read at the same entries in every run, batch and layout.
+
+    Each image draws ``units`` uniform numbers ``u`` in [0, 1) once, sorted; a layer of ``n`` entries reads the
+    entries at positions ``floor(u * n)`` of its channel-last order (:func:`_offsets_of`). Every layer's sample
+    is uniform over that layer (its estimates unbiased); sharing ``u`` across the layers of an image correlates
+    their errors (an image's depth profile is read at the same relative places). Positions are sorted, so in a
+    channels-last layer (the CPU layout of every CNN here) they are the memory offsets in address order as they
+    are: no mapping and no sort per layer (a gather in random order misses the cache on every entry and cost
+    40x as much)."""
 
     def __init__(self, ids: list[str], units: int = DEFAULT_SAMPLE_UNITS) -> None:
         self.seeds = image_seeds(ids)
         self.units = int(units)
+        self._u: np.ndarray | None = None
         self._offsets: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.seeds)
+
+    def uniforms(self) -> np.ndarray:
+        """``(B, units)`` float64 in [0, 1), sorted per image: each image's draw (:func:`_uniforms`)."""
+        if self._u is None:
+            self._u = np.sort(_uniforms(self.seeds, self.units), axis=1)
+        return self._u
 
     def offsets(self, acts: torch.Tensor, n: int) -> torch.Tensor:
         """``(B, units)`` offsets into the rows of :func:`_rows` (sorted per image), on ``acts``' device."""
@@ -324,48 +349,94 @@ class BatchSample:
         key = (tuple(acts.shape[1:]), tuple(acts.stride()[1:]) if dense else None, acts.device)
         got = self._offsets.get(key)
         if got is None:
-            logical = _positions(self.seeds, n, self.units, n)
-            # In a memory-order view the NCHW positions go through the strides (the same entries in any
-            # layout); a copy made by reshape is in NCHW order already.
-            off = _memory_offsets(acts, logical).numpy() if dense else logical
-            # Address order (the metrics ignore order): a gather in random order misses the cache on every
-            # entry and cost 40x as much here.
-            got = self._offsets[key] = torch.from_numpy(np.sort(off, axis=1)).to(acts.device)
+            logical = np.minimum((self.uniforms() * n).astype(np.int64), n - 1)
+            got = self._offsets[key] = torch.from_numpy(_offsets_of(acts, logical, dense)).to(acts.device)
         return got
 
 
-def _sample_sums_numpy(rows: torch.Tensor, sample: torch.Tensor, threshold: float, nonnegative: bool,
-                       ceiling: float | None) -> tuple[torch.Tensor, ...]:
-    """(L1, sum of squares, Gini numerator, near-zero count, finite) of each row of ``sample`` (float32, CPU),
-    the near-zero threshold relative to the peak of the whole row of ``rows``."""
-    c = np.sort(np.abs(sample.numpy()), axis=1)
+@dataclass
+class LayerSample:
+    """What a hook keeps of one layer's activations for :func:`finish_samples`: the sampled entries and the
+    exact peak ``max |a|`` per image (NaN when the image's activations are not finite), and the layer's size."""
+
+    picked: np.ndarray  # (B, units) float32, signed as read
+    peak: np.ndarray  # (B,) float64
+    n: int
+
+
+def take_sample(acts: torch.Tensor, sample: BatchSample, *, nonnegative: bool = False,
+                ceiling: float | None = None) -> LayerSample:
+    """Read the sampled entries and the peak of one layer's CPU activations ``(B, ...)`` (``n > units``): the only
+    part of the sampled metrics that needs the activations, so a hook can let them go and the arithmetic can run
+    for all layers of the batch at once."""
+    b, n = acts.shape[0], math.prod(acts.shape[1:])
+    rows = _rows(acts, b, n)
+    picked = torch.gather(rows, 1, sample.offsets(acts, n)).float().numpy()
     # The peak over the whole layer, so the near-zero threshold is exact. Reading the whole layer is most of the
     # cost of sampling, and often needless: a ReLU6 image whose sample already reaches 6 has its peak (6 is as
     # high as it goes). Other images: max (and min unless the layer is a ReLU), with NumPy, several times faster
     # than torch over these (B, n) views, and no |a| copy.
     r = rows.numpy() if rows.dtype != torch.bfloat16 else rows.float().numpy()
-    peak = c[:, -1].astype(np.float64)
-    full = np.ones(len(c), dtype=bool) if ceiling is None or not nonnegative else ~(peak >= ceiling)
+    top = np.abs(picked).max(axis=1).astype(np.float64) if picked.size else np.zeros(b)
+    with np.errstate(invalid="ignore"):
+        full = np.ones(b, dtype=bool) if ceiling is None or not nonnegative else ~(top >= ceiling)
+    peak = top.copy()
     for i in np.flatnonzero(full):
-        top = float(r[i].max())
-        peak[i] = top if nonnegative else max(top, -float(r[i].min()))
-    c = c.astype(np.float64)
-    weights = _gini_weights(c.shape[1]).numpy()
-    sums = (c.sum(axis=1), np.einsum("ij,ij->i", c, c), c @ weights,
-            (c <= (threshold * peak)[:, None]).sum(axis=1).astype(np.float64),
-            np.isfinite(peak) & np.isfinite(c[:, -1]))
-    return tuple(torch.from_numpy(np.ascontiguousarray(x)) for x in sums)
+        hi = float(r[i].max())
+        peak[i] = hi if nonnegative else max(hi, -float(r[i].min()))
+    # A NaN anywhere in the sample makes the image's metrics NaN, as one in the full read does.
+    peak[~np.isfinite(top)] = math.nan
+    return LayerSample(picked, peak, n)
 
 
-def _sample_sums_torch(rows: torch.Tensor, sample: torch.Tensor, threshold: float, nonnegative: bool,
-                       ceiling: float | None) -> tuple[torch.Tensor, ...]:
-    """:func:`_sample_sums_numpy` with torch on the tensors' device (CUDA)."""
-    top = rows.amax(dim=1)
-    peak = (top if nonnegative else torch.maximum(top, -rows.amin(dim=1))).to(torch.float64)
-    c = torch.sort(sample.abs(), dim=1).values.to(torch.float64)
-    weights = _gini_weights(c.shape[1], c.device)
-    near = (c <= (threshold * peak)[:, None]).sum(dim=1).to(torch.float64)
-    return c.sum(dim=1), (c * c).sum(dim=1), c @ weights, near, torch.isfinite(peak) & torch.isfinite(c[:, -1])
+def finish_samples(parts: list[LayerSample], threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
+    """``(L, len(METRICS), B)`` float64 metrics of the layers whose samples :func:`take_sample` read (all from
+    the same batch and :class:`BatchSample`): one sort over all of them, on ``torch.get_num_threads()`` threads,
+    and the sums and edge cases of :func:`_combine` as array operations (per layer it was 40 small tensor ops)."""
+    threshold = _check_threshold(threshold)
+    if not parts:
+        return np.zeros((0, len(METRICS), 0), dtype=np.float64)
+    c = np.stack([p.picked for p in parts])  # (L, B, units) float32
+    np.abs(c, out=c)
+    peak = np.stack([p.peak for p in parts])  # (L, B)
+    n = np.array([p.n for p in parts], dtype=np.float64)[:, None]  # (L, 1)
+    _sort_last_axis(c)
+    units = c.shape[2]
+    # Sums in float32 (NumPy's einsum: single-threaded, so every run adds in the same order), widened after:
+    # their rounding (about 1e-6 relative) is four orders below the sampling error, and float64 sums over the
+    # samples took 4x as long (most of this function).
+    l1 = np.einsum("lbu->lb", c).astype(np.float64)
+    sumsq = np.einsum("lbu,lbu->lb", c, c).astype(np.float64)
+    gini_num = np.einsum("lbu,u->lb", c, _gini_weights(units).numpy().astype(np.float32)).astype(np.float64)
+    # A float32 c is <= a float64 t exactly when it is <= t rounded down to float32.
+    t = threshold * peak
+    t32 = t.astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        t32 = np.where(t32.astype(np.float64) > t, np.nextafter(t32, np.float32(-np.inf)), t32)
+        near = (c <= t32[:, :, None]).sum(axis=2) / units
+        finite = np.isfinite(peak) & np.isfinite(c[:, :, -1])
+    zero = l1 == 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # L1 grows like the count and L2 like its square root: the layer's ratio is the sample's times
+        # sqrt(n / units); Hoyer then uses the layer's own n.
+        ratio = np.where(zero, 0.0, l1 / np.sqrt(sumsq) * np.sqrt(n / units))
+        root_n = np.sqrt(n)
+        hoyer = np.where(zero, 1.0, np.clip((root_n - ratio) / (root_n - 1.0), 0.0, 1.0))
+        gini = np.where(zero, 1.0, np.clip(gini_num / (units * np.where(zero, 1.0, l1)), 0.0, 1.0))
+    out = np.stack([near, hoyer, gini, ratio], axis=1)  # (L, 4, B), METRICS order
+    return np.where(finite[:, None, :], out, math.nan)
+
+
+def _sort_last_axis(c: np.ndarray) -> None:
+    """Sort ``c`` along its last axis in place, split over torch's threads along the first (NumPy releases the
+    GIL while it sorts, and torch's own threads are idle between forward passes)."""
+    workers = min(torch.get_num_threads(), len(c))
+    if workers <= 1:
+        c.sort(axis=-1)
+        return
+    chunks = np.array_split(np.arange(len(c)), workers)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(lambda idx: c[idx[0]:idx[-1] + 1].sort(axis=-1), [k for k in chunks if len(k)]))
 
 
 def sampled_sparsity_metrics(acts: torch.Tensor, sample: BatchSample, *, threshold: float = DEFAULT_THRESHOLD,
@@ -375,34 +446,46 @@ def sampled_sparsity_metrics(acts: torch.Tensor, sample: BatchSample, *, thresho
     ``sample`` (a :class:`BatchSample` of the batch's ids) fixes which entries; a layer of at most that many
     entries per image is computed exactly. ``nonnegative``: the layer cannot output a negative number (a ReLU),
     so its peak is its max and the min is not computed; ``ceiling``: nor one above this (6 for a ReLU6), so an
-    image whose sample reaches it has its peak without reading the whole layer."""
+    image whose sample reaches it has its peak without reading the whole layer. One layer at a time; the
+    recorder reads every layer with :func:`take_sample` and finishes the batch with :func:`finish_samples`."""
     threshold = _check_threshold(threshold)
     if acts.dim() < 2 or not acts.is_floating_point():
         return sparsity_metrics(acts, threshold=threshold)  # the exact path's own checks and messages
     b, n = acts.shape[0], math.prod(acts.shape[1:])
-    units = sample.units
-    if n <= units or b == 0:
+    if n <= sample.units or b == 0:
         return sparsity_metrics(acts, threshold=threshold)
     if len(sample) != b:
         raise ValueError(f"a sample of {len(sample)} images for a batch of {b} images")
     out_device = torch.device("cpu") if acts.device.type == "mps" else acts.device
     with torch.no_grad():
         acts = acts.detach()
-        rows = _rows(acts, b, n)
-        picked = torch.gather(rows, 1, sample.offsets(acts, n)).float()
         if acts.device.type == "cuda":
-            sums = _sample_sums_torch(rows, picked, threshold, nonnegative, ceiling)
-        else:  # the CPU, and MPS (no float64 there) through the CPU
-            sums = _sample_sums_numpy(rows.cpu(), picked.cpu(), threshold, nonnegative, ceiling)
-        l1, sumsq, gini_num, near, finite = (x.to(out_device) for x in sums)
-        out = _combine(l1, sumsq, gini_num, near, finite, units)
-        # L1 grows like the count and L2 like its square root: the layer's ratio is the sample's times
-        # sqrt(n / units); Hoyer then uses the layer's own n.
-        ratio = out["l1_l2_ratio"] * math.sqrt(n / units)
-        zero = l1 == 0
-        root_n = math.sqrt(n)
-        hoyer = torch.where(zero, torch.ones_like(ratio), ((root_n - ratio) / (root_n - 1.0)).clamp(0.0, 1.0))
-        nan = torch.full_like(ratio, math.nan)
-        out["l1_l2_ratio"] = torch.where(finite, ratio, nan)
-        out["hoyer"] = torch.where(finite, hoyer, nan)
-        return out
+            return _sampled_torch(acts, sample, threshold, nonnegative, n, out_device)
+        part = take_sample(acts.cpu(), sample, nonnegative=nonnegative, ceiling=ceiling)
+        values = finish_samples([part], threshold)[0]
+        return {m: torch.from_numpy(values[j].copy()).to(out_device) for j, m in enumerate(METRICS)}
+
+
+def _sampled_torch(acts: torch.Tensor, sample: BatchSample, threshold: float, nonnegative: bool, n: int,
+                   out_device: torch.device) -> dict[str, torch.Tensor]:
+    """The sampled metrics with torch on the activations' device (CUDA), one layer at a time."""
+    b, units = acts.shape[0], sample.units
+    rows = _rows(acts, b, n)
+    picked = torch.gather(rows, 1, sample.offsets(acts, n)).float()
+    top = rows.amax(dim=1)
+    peak = (top if nonnegative else torch.maximum(top, -rows.amin(dim=1))).to(torch.float64)
+    c = torch.sort(picked.abs(), dim=1).values.to(torch.float64)
+    weights = _gini_weights(units, c.device)
+    near = (c <= (threshold * peak)[:, None]).sum(dim=1).to(torch.float64)
+    finite = torch.isfinite(peak) & torch.isfinite(c[:, -1])
+    out = _combine(c.sum(dim=1), (c * c).sum(dim=1), c @ weights, near, finite, units)
+    # L1 grows like the count and L2 like its square root: the layer's ratio is the sample's times
+    # sqrt(n / units); Hoyer then uses the layer's own n.
+    ratio = out["l1_l2_ratio"] * math.sqrt(n / units)
+    zero = c.sum(dim=1) == 0
+    root_n = math.sqrt(n)
+    hoyer = torch.where(zero, torch.ones_like(ratio), ((root_n - ratio) / (root_n - 1.0)).clamp(0.0, 1.0))
+    nan = torch.full_like(ratio, math.nan)
+    out["l1_l2_ratio"] = torch.where(finite, ratio, nan)
+    out["hoyer"] = torch.where(finite, hoyer, nan)
+    return {k: v.to(out_device) for k, v in out.items()}

@@ -49,9 +49,12 @@ from indexer.sparsity.metrics import (
     DEFAULT_THRESHOLD,
     METRICS,
     BatchSample,
+    LayerSample,
     _check_threshold,
+    finish_samples,
     sampled_sparsity_metrics,
     sparsity_metrics,
+    take_sample,
 )
 from indexer.store.schema import SPARSITY_SCHEMA
 
@@ -159,7 +162,8 @@ class SparsityRecorder:
         # State of the batch being recorded (None outside record()).
         self._ids: list[str] | None = None
         self._calls: list[int] = []  # per entry of self._layers: calls so far in this forward
-        self._pending: list[tuple[int, int, np.ndarray]] = []  # (entry, call k, (len(METRICS), B) values)
+        # (entry, call k, (len(METRICS), B) values, or a sampled layer's reads until the forward pass is over)
+        self._pending: list[tuple[int, int, np.ndarray | LayerSample]] = []
         self._root_calls = 0
         # Fixed by the first recorded batch.
         self._order: list[tuple[int, int]] | None = None
@@ -217,11 +221,18 @@ class SparsityRecorder:
                 )
             k = self._calls[entry]
             self._calls[entry] = k + 1
+            nonnegative = isinstance(module, _NONNEGATIVE)
+            ceiling = 6.0 if isinstance(module, nn.ReLU6) else None
             with torch.no_grad():
+                if self._sample is not None and _deferrable(acts, self._sample):
+                    # Only the reads that need the activations happen here; the arithmetic runs for all
+                    # layers at once when the forward pass is over (_finish).
+                    self._pending.append((entry, k, take_sample(acts.detach(), self._sample,
+                                                                nonnegative=nonnegative, ceiling=ceiling)))
+                    return
                 if self._sample is not None:
                     metrics = sampled_sparsity_metrics(acts, self._sample, threshold=self.threshold,
-                                                       nonnegative=isinstance(module, _NONNEGATIVE),
-                                                       ceiling=6.0 if isinstance(module, nn.ReLU6) else None)
+                                                       nonnegative=nonnegative, ceiling=ceiling)
                 else:
                     metrics = sparsity_metrics(acts, threshold=self.threshold)
                 # One device->host copy per layer; no reference to acts outlives this hook.
@@ -252,12 +263,21 @@ class SparsityRecorder:
         self._root_calls = 0
         try:
             yield
-            pending, self._pending = self._pending, []
+            pending, self._pending = self._finish(self._pending), []
         finally:
             self._ids = None
             self._pending = []
             self._sample = None
         self._commit(batch_ids, pending)
+
+    def _finish(self, pending: list[tuple[int, int, np.ndarray | LayerSample]]) -> list[tuple[int, int, np.ndarray]]:
+        """The pending layers with the deferred samples' metrics computed, all in one call."""
+        deferred = [k for k, (_, _, v) in enumerate(pending) if isinstance(v, LayerSample)]
+        done = finish_samples([pending[k][2] for k in deferred], self.threshold)  # type: ignore[misc]
+        out = [(e, c, v) for e, c, v in pending]
+        for row, k in enumerate(deferred):
+            out[k] = (pending[k][0], pending[k][1], done[row])
+        return out  # type: ignore[return-value]
 
     def _commit(self, ids: list[str], pending: list[tuple[int, int, np.ndarray]]) -> None:
         order = [(entry, k) for entry, k, _ in pending]
@@ -337,6 +357,13 @@ def sparsity_frame(model_name: str, layer_names: Sequence[str],
             "value": values,
         }
     )
+
+
+def _deferrable(acts: torch.Tensor, sample: BatchSample) -> bool:
+    """A CPU float layer larger than the sample, of a batch of the sample's size: what :func:`take_sample` reads
+    (anything else goes through :func:`sampled_sparsity_metrics` at once, which also gives its errors)."""
+    return (acts.device.type == "cpu" and acts.is_floating_point() and acts.dim() >= 2 and acts.shape[0] > 0
+            and len(sample) == acts.shape[0] and acts[0].numel() > sample.units)
 
 
 def _first_tensor(output: Any) -> torch.Tensor | None:
