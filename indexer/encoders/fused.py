@@ -83,6 +83,17 @@ class FusedResizeCrop:
         self.shift = torch.from_numpy((m / s).astype(np.float32))
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
+        out = self.cropped(img)
+        if out is None:
+            return self.fallback(img)  # torchvision pads here
+        pixels = torch.from_numpy(np.asarray(out, dtype=np.float32))  # (H, W, 3), our own writable copy
+        pixels.mul_(self.scale).sub_(self.shift)
+        chw = pixels.permute(2, 0, 1)
+        # A model that runs in NCHW gets NCHW here, in the decode thread, rather than a copy on its own thread.
+        return chw if self.channels_last else chw.contiguous()
+
+    def cropped(self, img: Image.Image) -> Image.Image | None:
+        """The resized and centre-cropped RGB photo, or None where the crop is larger than the resized photo."""
         if img.mode != "RGB":
             img = img.convert("RGB")
         w, h = img.size
@@ -93,18 +104,19 @@ class FusedResizeCrop:
             rw, rh = int(self.short * w / h), self.short
         ch, cw = self.crop
         if ch > rh or cw > rw:
-            return self.fallback(img)  # torchvision pads here
+            return None
         # torchvision's center_crop offsets, in the resized image, mapped back to source pixels.
         top, left = round((rh - ch) / 2.0), round((rw - cw) / 2.0)
         if (rw, rh) == (w, h):
-            out = img.crop((left, top, left + cw, top + ch))
-        else:
-            out = self._resize_crop(img, left, top, rw, rh)
-        pixels = torch.from_numpy(np.asarray(out, dtype=np.float32))  # (H, W, 3), our own writable copy
-        pixels.mul_(self.scale).sub_(self.shift)
-        chw = pixels.permute(2, 0, 1)
-        # A model that runs in NCHW gets NCHW here, in the decode thread, rather than a copy on its own thread.
-        return chw if self.channels_last else chw.contiguous()
+            return img.crop((left, top, left + cw, top + ch))
+        return self._resize_crop(img, left, top, rw, rh)
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(B, 3, H, W)`` pixels of :meth:`cropped` photos -> the float32 batch ``__call__`` gives, bit for
+        bit (the same two operations, per channel), for a consumer that receives pixels (the Ray engine)."""
+        x = pixels.to(torch.float32)
+        x.mul_(self.scale[:, None, None]).sub_(self.shift[:, None, None])
+        return x
 
     def _resize_crop(self, img: Image.Image, left: int, top: int, rw: int, rh: int) -> Image.Image:
         """The ``crop``-sized window at ``(left, top)`` of ``img`` resized to ``(rw, rh)``, computing only that

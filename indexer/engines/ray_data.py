@@ -56,15 +56,45 @@ class ToFloat:
         return f"{type(self).__name__}()"
 
 
+class ShipFused:
+    """The decode stage of a fused preprocessing (indexer/encoders/fused.py) whose crop fits every resized photo:
+    the cropped photo's uint8 pixels, ``(3, H, W)``."""
+
+    def __init__(self, fused: Any) -> None:
+        self.fused = fused
+
+    def __call__(self, img: Any) -> torch.Tensor:
+        out = self.fused.cropped(img)
+        assert out is not None  # split_transform ships pixels only when the crop always fits
+        return torch.from_numpy(np.array(out)).permute(2, 0, 1)
+
+
+class FinishFused:
+    """The model stage of a fused preprocessing: uint8 batches normalised as the fused step does, bit for bit."""
+
+    def __init__(self, fused: Any) -> None:
+        self.fused = fused
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused.normalise(x)
+
+
 def split_transform(transform: Any) -> tuple[Any, Any]:
     """(photo -> transported tensor, transported batch -> model input) for one preprocessing.
 
     A torchvision ``Compose`` with one ``ToTensor`` is cut there: the decode stage ships uint8 pixels (a quarter
     of float32's bytes through Ray's object store) and the model stage converts and normalises the whole batch,
-    with the same arithmetic ``ToTensor`` and ``Normalize`` do on one image. Any other preprocessing ships its
-    float32 output unchanged (the second part is the identity)."""
+    with the same arithmetic ``ToTensor`` and ``Normalize`` do on one image. The fused step of a channels-last
+    encoder (indexer/encoders/fused.py) is cut the same way. Any other preprocessing ships its float32 output
+    unchanged (the second part is the identity)."""
     from torchvision.transforms import Compose, PILToTensor, ToTensor
 
+    from indexer.encoders.fused import FusedResizeCrop
+
+    if isinstance(transform, FusedResizeCrop):
+        if max(transform.crop) > transform.short:  # some photos take the float fallback: ship floats
+            return transform, Compose([])
+        return ShipFused(transform), FinishFused(transform)
     steps = list(getattr(transform, "transforms", []))
     cuts = [i for i, step in enumerate(steps) if isinstance(step, ToTensor)]
     if not isinstance(transform, Compose) or len(cuts) != 1:
