@@ -272,12 +272,10 @@ class SparsityRecorder:
 
     def _finish(self, pending: list[tuple[int, int, np.ndarray | LayerSample]]) -> list[tuple[int, int, np.ndarray]]:
         """The pending layers with the deferred samples' metrics computed, all in one call."""
-        deferred = [k for k, (_, _, v) in enumerate(pending) if isinstance(v, LayerSample)]
-        done = finish_samples([pending[k][2] for k in deferred], self.threshold)  # type: ignore[misc]
-        out = [(e, c, v) for e, c, v in pending]
-        for row, k in enumerate(deferred):
-            out[k] = (pending[k][0], pending[k][1], done[row])
-        return out  # type: ignore[return-value]
+        deferred = [(k, v) for k, (_, _, v) in enumerate(pending) if isinstance(v, LayerSample)]
+        done = finish_samples([v for _, v in deferred], self.threshold)
+        computed = {k: done[row] for row, (k, _) in enumerate(deferred)}
+        return [(e, c, v if isinstance(v, np.ndarray) else computed[k]) for k, (e, c, v) in enumerate(pending)]
 
     def _commit(self, ids: list[str], pending: list[tuple[int, int, np.ndarray]]) -> None:
         order = [(entry, k) for entry, k, _ in pending]
