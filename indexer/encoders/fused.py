@@ -83,6 +83,8 @@ class FusedResizeCrop:
         self.shift = torch.from_numpy((m / s).astype(np.float32))
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
+        if img.mode != "RGB":  # before the fallback too, which may have no RGB step of its own
+            img = img.convert("RGB")
         out = self.cropped(img)
         if out is None:
             return self.fallback(img)  # torchvision pads here
