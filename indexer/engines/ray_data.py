@@ -69,16 +69,6 @@ class ShipFused:
         return torch.from_numpy(np.array(out)).permute(2, 0, 1)
 
 
-class FinishFused:
-    """The model stage of a fused preprocessing: uint8 batches normalised as the fused step does, bit for bit."""
-
-    def __init__(self, fused: Any) -> None:
-        self.fused = fused
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fused.normalise(x)
-
-
 def split_transform(transform: Any) -> tuple[Any, Any]:
     """(photo -> transported tensor, transported batch -> model input) for one preprocessing.
 
@@ -94,7 +84,7 @@ def split_transform(transform: Any) -> tuple[Any, Any]:
     if isinstance(transform, FusedResizeCrop):
         if max(transform.crop) > transform.short:  # some photos take the float fallback: ship floats
             return transform, Compose([])
-        return ShipFused(transform), FinishFused(transform)
+        return ShipFused(transform), transform.normalise  # a bound method pickles with its object
     steps = list(getattr(transform, "transforms", []))
     cuts = [i for i, step in enumerate(steps) if isinstance(step, ToTensor)]
     if not isinstance(transform, Compose) or len(cuts) != 1:

@@ -467,11 +467,12 @@ def _sampled_torch(acts: torch.Tensor, sample: BatchSample, threshold: float, no
     weights = _gini_weights(units, c.device)
     near = (c <= (threshold * peak)[:, None]).sum(dim=1).to(torch.float64)
     finite = torch.isfinite(peak) & torch.isfinite(c[:, -1])
-    out = _combine(c.sum(dim=1), (c * c).sum(dim=1), c @ weights, near, finite, units)
+    l1 = c.sum(dim=1)
+    out = _combine(l1, (c * c).sum(dim=1), c @ weights, near, finite, units)
     # L1 grows like the count and L2 like its square root: the layer's ratio is the sample's times
     # sqrt(n / units); Hoyer then uses the layer's own n.
     ratio = out["l1_l2_ratio"] * math.sqrt(n / units)
-    zero = c.sum(dim=1) == 0
+    zero = l1 == 0
     root_n = math.sqrt(n)
     hoyer = torch.where(zero, torch.ones_like(ratio), ((root_n - ratio) / (root_n - 1.0)).clamp(0.0, 1.0))
     nan = torch.full_like(ratio, math.nan)
