@@ -24,8 +24,9 @@ def test_mapper_defaults_disentangle_breed(pets_store_full: Path) -> None:
     info = Store.open(pets_store_full).manifest["models"]["mapper"]
     r = info["report"]
     print({k: round(v, 3) for k, v in r.items() if isinstance(v, float)})
-    # Held-out photos (the mapper's val split) against its train photos, the same k for every space.
-    assert r["val_knn_breed_acc_z_id"] >= r["val_knn_breed_acc_raw"] + 0.02
+    # Held-out photos (the mapper's val split) against its train photos, the same k for every space. The margin
+    # over raw on the mean of three splits: tests/test_mapper.py::test_default_mapper_beats_raw_on_three_splits.
+    assert r["val_knn_breed_acc_z_id"] > r["val_knn_breed_acc_raw"]
     assert r["probe_z_attr_acc"] <= r["probe_z_id_acc"] - 0.20
     assert r["swap_acc"] >= 0.8
     # How alike the nearest other-breed photos look (8 x 8 colour thumbnails) is reported, not asserted: measured

@@ -31,7 +31,7 @@ import torch
 
 from indexer.encoders import load_encoder, resolve_device
 from indexer.engines import EngineOptions
-from indexer.extract import Batch, FileResult, PhotoDataset, StageTimes, collate
+from indexer.extract import Batch, FileResult, PhotoDataset, StageTimes, collate, lower_thread_priority
 from indexer.latents import ENCODER, MAPPER, VAE, TrainedModels, load_trained_models
 from indexer.runtime import SINGLE_ARENA_ENV, keep_freed_memory
 from indexer.shard import RunPlan, ShardOutput, ShardRunner, decode_side, shard_transforms
@@ -131,6 +131,11 @@ class DecodeStage:
         self.transforms, self.known, self.side = transforms, known, side
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # Decoding at the lowest priority, as the local engine's decode threads do (extract.lower_thread_priority
+        # says why): on a machine shared with a model actor, decode then fills the cores the forward pass leaves
+        # idle instead of slowing it down. Per call, because Ray Data may run batches on more than one thread of
+        # the actor, and Linux sets nice values per thread.
+        lower_thread_priority()
         data = PhotoDataset([str(p) for p in batch["path"]], self.transforms, self.known, self.side)
         items = [data[k] for k in range(len(data))]
         out = collate(items)
