@@ -156,6 +156,19 @@ def install_mapper(store_path: Path, result: MapperResult) -> dict[str, Any]:
     return {**info, "dir": str(final), "attribute_neighbours_png": str(final / "attribute_neighbours.png")}
 
 
+def new_store_with_models(src: Path, dst: Path) -> None:
+    """A new, empty store at ``dst`` with the encoder and trained models of the store at ``src`` (trained models
+    reused on another collection): its first index run computes every space and sparsity record of each photo."""
+    trained = Store.open(src)
+    new = Store.create(dst, trained.encoder)
+    try:
+        new.manifest["models"] = trained.manifest["models"]
+        shutil.copytree(src / MODELS_DIR, dst / MODELS_DIR)
+        new.commit()
+    finally:
+        new.close()
+
+
 def train_store_mapper(store_path: Path, config: MapperConfig | None = None, *,
                        progress: bool = True) -> dict[str, Any]:
     """`mammals train mapper`: refuse early if the store is being written, fit, evaluate, install."""

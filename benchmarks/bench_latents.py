@@ -11,28 +11,16 @@ accuracy, reconstruction species/breed agreement, Fréchet distance) are written
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from analysis.training import train_store_mapper, train_store_vae
+from analysis.training import new_store_with_models, train_store_mapper, train_store_vae
 from benchmarks.common import SHARED_DATA, shown, timed, write_results
 from indexer.pipeline import run_index
-from indexer.store import Store
 
 MAPPER_TARGET_S = 300
 VAE_TARGET_S = 900
-
-
-def store_with_models_only(src: Path, dst: Path) -> None:
-    """A new, empty store with ``src``'s encoder and trained models (so indexing computes every space)."""
-    trained = Store.open(src)
-    new = Store.create(dst, trained.encoder)
-    new.manifest["models"] = trained.manifest["models"]
-    shutil.copytree(src / "models", dst / "models")
-    new.commit()
-    new.close()
 
 
 def main() -> int:
@@ -52,7 +40,7 @@ def main() -> int:
 
         # The same photos into a fresh store that already has both models: every space + sparsity per image.
         full = Path(tmp) / "full"
-        store_with_models_only(base, full)
+        new_store_with_models(base, full)
         rep_full, full_s = timed(run_index, [a.data], full, progress=False, sparsity=True)
 
     ratio = full_s / enc_only_s

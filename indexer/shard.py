@@ -10,6 +10,7 @@ duplicates a row.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,14 +50,19 @@ class RunPlan:
     def needs_vae_pixels(self) -> bool:
         return any(s in self.live_spaces for s in MODEL_SPACES[VAE])
 
+    def live_models(self) -> list[str]:
+        """The models :func:`forward_spaces` runs on new photos: the encoder, and the mapper and VAE when their
+        spaces are live (otherwise pass 2 computes their spaces, and records their sparsity, for every photo)."""
+        out = [ENCODER]
+        if any(sp in self.live_spaces for sp in MODEL_SPACES[MAPPER]):
+            out.append(MAPPER)
+        if self.needs_vae_pixels():
+            out.append(VAE)
+        return out
+
     def output_spaces(self) -> list[str]:
         """The spaces :func:`forward_spaces` returns for new photos, in its order."""
-        out = [schema.ENCODER_SPACE]
-        if any(sp in self.live_spaces for sp in MODEL_SPACES[MAPPER]):
-            out.extend(MODEL_SPACES[MAPPER])
-        if self.needs_vae_pixels():
-            out.extend(MODEL_SPACES[VAE])
-        return out
+        return [schema.ENCODER_SPACE, *(sp for model in self.live_models()[1:] for sp in MODEL_SPACES[model])]
 
 
 class Recorders:
@@ -92,13 +98,14 @@ class Recorders:
                 store.add_sparsity(df.reset_index(drop=True), model,
                                    {**self.plan.sparsity_info(model), "layers": rec.layer_names})
 
-    def take(self) -> dict[str, tuple[list[str], np.ndarray]]:
-        """The rows recorded since the last take, per model: (layer names, ``(images, layers, metrics)`` values)
-        in the order the images were recorded."""
+    def take(self, models: Sequence[str]) -> dict[str, tuple[list[str], np.ndarray]]:
+        """The rows recorded since the last take, per model of ``models`` that has a recorder: (layer names,
+        ``(images, layers, metrics)`` values) in the order the images were recorded."""
         out = {}
-        for model, rec in self.by_model.items():
-            names, _, values = rec.take()
-            out[model] = (names, values)
+        for model in models:
+            if model in self.by_model:
+                names, _, values = self.by_model[model].take()
+                out[model] = (names, values)
         return out
 
     def missing_ids(self, store: Store, model: str) -> list[str]:
@@ -120,12 +127,13 @@ def forward_spaces(
         enc_vecs = embed(enc.model, batch.tensors["encoder"], dev, **enc.run_options)
     times.add_forward(ENCODER, time.perf_counter() - t)
     out = {schema.ENCODER_SPACE: enc_vecs}
-    if any(sp in plan.live_spaces for sp in MODEL_SPACES[MAPPER]):
+    live = plan.live_models()
+    if MAPPER in live:
         t = time.perf_counter()
         with recorders.record(MAPPER, ids):
             out.update(mapper_vectors(models, enc_vecs))
         times.add_forward(MAPPER, time.perf_counter() - t)
-    if plan.needs_vae_pixels():
+    if VAE in live:
         t = time.perf_counter()
         with recorders.record(VAE, ids):
             out.update(vae_vectors(models, batch.tensors[VAE]))
@@ -184,7 +192,9 @@ class ShardRunner:
             return ShardOutput(batch.results)
         times = StageTimes()
         vectors = forward_spaces(batch, oks, self.enc, self.models, self.plan, self.recorders, times, self.device)
-        return ShardOutput(batch.results, vectors, self.recorders.take(), dict(times.forward))
+        # Only the models that ran: a recorded model whose spaces pass 2 computes has no rows for this batch.
+        sparsity = self.recorders.take(self.plan.live_models())
+        return ShardOutput(batch.results, vectors, sparsity, dict(times.forward))
 
     def close(self) -> None:
         """Remove the sparsity hooks."""

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from analysis.training import train_store_vae
+from analysis.training import new_store_with_models, train_store_vae
 from indexer.cli import main as cli
 from indexer.latents import MODEL_SPACES
 from indexer.pipeline import run_index
@@ -120,6 +120,32 @@ def test_adding_photos_after_training_fills_every_space(pets_store_full: Path, t
     sp = store.sparsity()
     for model in ("encoder", "mapper", "vae"):
         assert new_ids <= set(sp.loc[sp["model"] == model, "id"]), model
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_new_store_with_trained_models_fills_every_space_on_its_first_run(
+    pets_store_full: Path, tmp_path: Path, workers: int
+) -> None:
+    # Trained models reused on another collection: the first run has no mapper or VAE space yet, so pass 2
+    # computes them, and their sparsity, for every photo (pass 1 once crashed on their empty sparsity records).
+    store_dir = tmp_path / "store"
+    new_store_with_models(pets_store_full, store_dir)
+    photos = tmp_path / "woof"
+    breed = sorted(p for p in WOOF.iterdir() if p.is_dir())[1]
+    (photos / breed.name).mkdir(parents=True)
+    for f in sorted(breed.glob("*.jpg"))[:40]:  # more than one batch
+        shutil.copy(f, photos / breed.name / f.name)
+    rep = run_index([photos], store_dir, species="dog", progress=False, workers=workers)
+    assert rep.added == 40 and not rep.errors
+    store = Store.open(store_dir)
+    ids = set(store.images["id"])
+    assert len(ids) == 40
+    for name in ALL_SPACES:
+        space_ids = store.space(name).ids
+        assert len(space_ids) == 40 and set(space_ids) == ids, name
+    sp = store.sparsity()
+    for model in ("encoder", "mapper", "vae"):
+        assert set(sp.loc[sp["model"] == model, "id"]) == ids, model
 
 
 def test_retraining_vae_recomputes_only_vae_spaces(pets_store_full: Path, tmp_path: Path) -> None:
