@@ -20,6 +20,16 @@ from tests.conftest import WOOF
 ALL_SPACES = {"encoder", "mapper_id", "mapper_attr", "vae_mu", "vae_logvar"}
 
 
+def _woof_photos(root: Path, *, breed: int, n: int) -> Path:
+    """``root`` holding a copy of the first ``n`` photos of imagewoof's ``breed``-th breed folder (photos new to
+    the pets store)."""
+    folder = sorted(p for p in WOOF.iterdir() if p.is_dir())[breed]
+    (root / folder.name).mkdir(parents=True)
+    for f in sorted(folder.glob("*.jpg"))[:n]:
+        shutil.copy(f, root / folder.name / f.name)
+    return root
+
+
 def test_mapper_defaults_disentangle_breed(pets_store_full: Path) -> None:
     info = Store.open(pets_store_full).manifest["models"]["mapper"]
     r = info["report"]
@@ -105,11 +115,7 @@ def test_sparsity_is_deterministic(pets_store: Path, tmp_path: Path) -> None:
 def test_adding_photos_after_training_fills_every_space(pets_store_full: Path, tmp_path: Path) -> None:
     store_dir = tmp_path / "store"
     shutil.copytree(pets_store_full, store_dir)
-    extra = tmp_path / "woof"
-    breed = sorted(p for p in WOOF.iterdir() if p.is_dir())[0]
-    (extra / breed.name).mkdir(parents=True)
-    for f in sorted(breed.glob("*.jpg"))[:5]:
-        shutil.copy(f, extra / breed.name / f.name)
+    extra = _woof_photos(tmp_path / "woof", breed=0, n=5)
     rep = run_index([extra], store_dir, species="dog", progress=False, workers=0)
     assert rep.added == 5 and rep.recomputed == []
     store = Store.open(store_dir)
@@ -130,11 +136,7 @@ def test_a_new_store_with_trained_models_fills_every_space_on_its_first_run(
     # computes them, and their sparsity, for every photo (pass 1 once crashed on their empty sparsity records).
     store_dir = tmp_path / "store"
     new_store_with_models(pets_store_full, store_dir)
-    photos = tmp_path / "woof"
-    breed = sorted(p for p in WOOF.iterdir() if p.is_dir())[1]
-    (photos / breed.name).mkdir(parents=True)
-    for f in sorted(breed.glob("*.jpg"))[:40]:  # more than one batch
-        shutil.copy(f, photos / breed.name / f.name)
+    photos = _woof_photos(tmp_path / "woof", breed=1, n=40)  # more than one batch
     rep = run_index([photos], store_dir, species="dog", progress=False, workers=workers)
     assert rep.added == 40 and not rep.errors
     store = Store.open(store_dir)
