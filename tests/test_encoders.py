@@ -126,7 +126,9 @@ def test_efficientnet_embedding_is_classifier_pre_logits(effnet: Encoder, effnet
     x = torch.stack([effnet.preprocess(Image.open(p).convert("RGB")) for p in _photos("dog/pug", 2)])
     with torch.inference_mode():
         pooled = effnet_classifier.forward_head(effnet_classifier.forward_features(x), pre_logits=True)
-        assert torch.allclose(effnet.model(x), pooled, atol=1e-6)
+        # The encoder has its BatchNorms folded into its convolutions (the classifier has not): float rounding
+        # apart (6e-6 measured, on values up to 2.8), the same numbers.
+        assert torch.allclose(effnet.model(x), pooled, atol=5e-5)
 
 
 def test_efficientnet_preprocess_matches_timm_and_pickles(effnet: Encoder) -> None:
@@ -160,8 +162,9 @@ def test_efficientnet_accepts_renamed_weight_file(
     torch.save(renamed, path)
     photos = _photos("dog/pug", 2)
 
-    by_argument = load_efficientnet_lite0(weights_path=path)
-    assert torch.equal(_embed(by_argument, photos), _embed(effnet, photos))
+    by_argument = load_efficientnet_lite0(weights_path=path)  # the family loader: BatchNorms not folded
+    assert torch.equal(_embed(by_argument, photos), _embed(load_encoder("efficientnet-lite0", fold_norms=False),
+                                                           photos))
     assert by_argument.weights_sha256 == _sha256(path) != EFFICIENTNET_SHA256
 
     monkeypatch.setenv(WEIGHTS_ENV, str(path))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -46,6 +47,8 @@ class Encoder:
     memory_format: torch.memory_format = torch.contiguous_format
     # Half-precision dtype the model runs in under autocast (None: float32), set by load_encoder (autocast_dtype).
     autocast: torch.dtype | None = None
+    # BatchNorm layers merged into the convolution before them (load_encoder; indexer/encoders/fold.py).
+    folded_norms: int = 0
 
     @property
     def input_side(self) -> int:
@@ -187,6 +190,14 @@ def probe_dim(model: torch.nn.Module, preprocess: Any, device: torch.device, nam
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise EncoderError(f"{name}: model returns {shape}, expected pooled features (1, dim)")
     return int(out.shape[1])
+
+
+def probe_batch(preprocess: Any, device: torch.device, memory_format: torch.memory_format) -> torch.Tensor:
+    """Two fixed noise photos through the real preprocessing: a batch on which a changed network shows."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (256, 320, 3), dtype=np.uint8)) for _ in range(2)]
+    x = torch.stack([preprocess(img) for img in images]).to(device)
+    return x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
 
 
 def freeze(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -1,0 +1,144 @@
+"""Fold a frozen network's batch normalisation into the convolution that feeds it.
+
+In eval mode a BatchNorm is a fixed per-channel affine map, ``y = (x - mean) / sqrt(var + eps) * w + b``, so
+applied to a convolution's output it can be merged into that convolution's weights and bias: the network
+computes the same function with one pass over each activation tensor fewer. On EfficientNet-Lite0 (49 conv+BN
+pairs) on this project's 2-core CPU, channels-last, batch 32, that is about 20% more images per second (65-69
+against 76-85 img/s in the same run) with pooled features at cosine 0.9999999 of the unfolded network's. This is
+the standard inference fold (``torch.fx.experimental.optimization.fuse``, ONNX Runtime's and TensorRT's graph
+optimisers); it is done here on modules rather than on a traced graph because timm's TF-"same" padded
+convolutions and open_clip's towers do not all trace.
+
+What is folded: a ``Conv2d`` (or a subclass that convolves with its own ``weight``/``bias``, like timm's
+``Conv2dSame``) and the ``BatchNorm2d`` registered right after it in the same parent, when a forward pass shows
+the norm's input *is* that convolution's output, and only if the folded network's output on a probe batch
+matches the original's (cosine >= :data:`MATCH_COSINE`); otherwise the network is returned unchanged. timm's
+``BatchNormAct2d`` (norm, then dropout, then activation) keeps its ``drop`` and ``act`` children under the same
+names, so sparsity layer names (``blocks.0.0.bn1.act``) and hooks on those modules are unchanged.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MATCH_COSINE = 0.99999  # per probe image, folded vs original output; a wrong fold is far below it
+
+# BatchNorm subclasses whose forward is "norm, then self.drop, then self.act" (timm), matched by name so that this
+# module does not import timm.
+_NORM_THEN_ACT = frozenset({"timm.layers.norm_act.BatchNormAct2d"})
+
+
+class AfterNorm(nn.Module):
+    """What is left of a ``BatchNormAct2d`` once its norm is folded away: dropout then activation, under the
+    original child names."""
+
+    def __init__(self, drop: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.drop = drop
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(x))
+
+
+def _qualname(module: nn.Module) -> str:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _foldable_norm(bn: nn.Module, conv: nn.Conv2d) -> bool:
+    if not (type(bn) is nn.BatchNorm2d or _qualname(bn) in _NORM_THEN_ACT):
+        return False
+    assert isinstance(bn, nn.BatchNorm2d)
+    return (not bn.training and bn.running_mean is not None and bn.running_var is not None
+            and bn.num_features == conv.out_channels)
+
+
+def _candidates(model: nn.Module) -> list[tuple[nn.Module, nn.Conv2d, str]]:
+    """(parent, conv, norm name) for each conv followed, in registration order, by a foldable norm."""
+    out = []
+    for parent in model.modules():
+        kids = list(parent.named_children())
+        for (_, conv), (bn_name, bn) in itertools.pairwise(kids):
+            if isinstance(conv, nn.Conv2d) and _foldable_norm(bn, conv):
+                out.append((parent, conv, bn_name))
+    return out
+
+
+def _fed_directly(model: nn.Module, pairs: list[tuple[nn.Module, nn.Conv2d, str]],
+                  probe: torch.Tensor) -> list[bool]:
+    """Per pair: did the norm's input tensor come straight out of the conv (one forward pass over ``probe``)?"""
+    last: dict[int, torch.Tensor] = {}
+    seen = [False] * len(pairs)
+    fed = [True] * len(pairs)
+    handles = []
+
+    def keep(k: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: object, output: torch.Tensor) -> None:
+            last[k] = output
+        return hook
+
+    def check(k: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            seen[k] = True
+            fed[k] = fed[k] and bool(args) and args[0] is last.get(k)
+        return hook
+
+    try:
+        for k, (parent, conv, bn_name) in enumerate(pairs):
+            handles.append(conv.register_forward_hook(keep(k)))
+            handles.append(getattr(parent, bn_name).register_forward_pre_hook(check(k)))
+        with torch.inference_mode():
+            model(probe)
+    finally:
+        for h in handles:
+            h.remove()
+    return [s and f for s, f in zip(seen, fed, strict=True)]
+
+
+@torch.no_grad()
+def _fold_pair(parent: nn.Module, conv: nn.Conv2d, bn_name: str) -> None:
+    bn = getattr(parent, bn_name)
+    inv_std = torch.rsqrt(bn.running_var + bn.eps)
+    scale = bn.weight * inv_std if bn.affine else inv_std
+    shift = (bn.bias if bn.affine else 0.0) - bn.running_mean * scale
+    bias = shift if conv.bias is None else conv.bias * scale + shift
+    conv.weight = nn.Parameter(conv.weight * scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype),
+                               requires_grad=conv.weight.requires_grad)
+    conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=conv.weight.requires_grad)
+    setattr(parent, bn_name, AfterNorm(bn.drop, bn.act) if _qualname(bn) in _NORM_THEN_ACT else nn.Identity())
+
+
+def fold_batchnorm(model: nn.Module, probe: torch.Tensor) -> int:
+    """Fold ``model``'s (eval-mode) conv+BatchNorm pairs in place and return how many were folded; none (and the
+    model as it was) when its output on ``probe`` (a preprocessed batch) no longer matches."""
+    pairs = _candidates(model)
+    if not pairs:
+        return 0
+    pairs = [p for p, ok in zip(pairs, _fed_directly(model, pairs, probe), strict=True) if ok]
+    if not pairs:
+        return 0
+    with torch.inference_mode():
+        before = model(probe).float()
+    # What folding replaces, to put back if the output changes (parameters are replaced, not written into).
+    saved = [(conv, conv.weight, conv.bias, parent, bn_name, getattr(parent, bn_name))
+             for parent, conv, bn_name in pairs]
+    for parent, conv, bn_name in pairs:
+        _fold_pair(parent, conv, bn_name)
+    with torch.inference_mode():
+        after = model(probe).float()
+    cosine = torch.nn.functional.cosine_similarity(before.flatten(1), after.flatten(1), dim=1).min().item()
+    if cosine >= MATCH_COSINE:
+        return len(pairs)
+    log.warning("BatchNorm folding undone: the folded network's output differs (cosine %.6f)", cosine)
+    for conv, weight, bias, parent, bn_name, bn in saved:
+        conv.weight, conv.bias = weight, bias
+        setattr(parent, bn_name, bn)
+    return 0
