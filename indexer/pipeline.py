@@ -174,6 +174,12 @@ def _plan(store: Store, enc: Encoder, models: TrainedModels, *, sparsity: str, t
         spaces = MODEL_SPACES[model]
         if all(space_is_current(store, sp, models) for sp in spaces):
             live.extend(spaces)
+        elif not len(store):
+            # No photo to backfill (trained models given to a new store): start the model's spaces empty, as the
+            # encoder's starts, and compute them for the new photos as they come, instead of reading every
+            # photo a second time in pass 2.
+            _start_spaces(store, enc, models, model)
+            live.extend(spaces)
         else:
             for sp in spaces:
                 if sp in store.space_names():
@@ -187,6 +193,17 @@ def _plan(store: Store, enc: Encoder, models: TrainedModels, *, sparsity: str, t
                 store.drop_sparsity(model)
             recorded[model] = sha
     return RunPlan(live, backfill, recorded, threshold, sparsity if sparsity != "off" else "exact")
+
+
+def _start_spaces(store: Store, enc: Encoder, models: TrainedModels, model: str) -> None:
+    """Empty spaces of ``model`` in a store without photos, their widths read off one probe forward pass."""
+    if model == MAPPER:
+        probe = mapper_vectors(models, np.full((1, enc.dim), enc.dim ** -0.5, dtype=np.float32))
+    else:
+        side = models.vae_image_size
+        probe = vae_vectors(models, torch.full((1, 3, side, side), 0.5))
+    for sp in MODEL_SPACES[model]:
+        store.set_space(sp, [], np.zeros((0, probe[sp].shape[1]), np.float32), space_meta(model, models))
 
 
 def run_index(

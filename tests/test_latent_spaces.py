@@ -132,13 +132,17 @@ def test_adding_photos_after_training_fills_every_space(pets_store_full: Path, t
 def test_a_new_store_with_trained_models_fills_every_space_on_its_first_run(
     pets_store_full: Path, tmp_path: Path, workers: int
 ) -> None:
-    # Trained models reused on another collection: the first run has no mapper or VAE space yet, so pass 2
-    # computes them, and their sparsity, for every photo (pass 1 once crashed on their empty sparsity records).
+    # Trained models reused on another collection: the store has no photo to backfill, so pass 1 computes every
+    # space, and every model's sparsity, as the photos come (each photo read once; pass 1 once crashed on the
+    # mapper's and VAE's empty sparsity records, and later left their spaces to a second reading in pass 2).
+    from indexer.latents import load_trained_models, mapper_vectors
+
     store_dir = tmp_path / "store"
     new_store_with_models(pets_store_full, store_dir)
     photos = _woof_photos(tmp_path / "woof", breed=1, n=40)  # more than one batch
     rep = run_index([photos], store_dir, species="dog", progress=False, workers=workers)
     assert rep.added == 40 and not rep.errors
+    assert rep.recomputed == []  # nothing was left to pass 2
     store = Store.open(store_dir)
     ids = set(store.images["id"])
     assert len(ids) == 40
@@ -148,6 +152,12 @@ def test_a_new_store_with_trained_models_fills_every_space_on_its_first_run(
     sp = store.sparsity()
     for model in ("encoder", "mapper", "vae"):
         assert set(sp.loc[sp["model"] == model, "id"]) == ids, model
+    # The mapper's live vectors are what it makes of the stored embeddings, row for row.
+    enc_space, z_id = store.space("encoder"), store.space("mapper_id")
+    expected = mapper_vectors(load_trained_models(store), enc_space.vectors)["mapper_id"]
+    row = {i: k for k, i in enumerate(z_id.ids)}
+    got = z_id.vectors[[row[i] for i in enc_space.ids]]
+    assert np.einsum("ij,ij->i", got, expected).min() >= 0.9999
 
 
 def test_retraining_vae_recomputes_only_vae_spaces(pets_store_full: Path, tmp_path: Path) -> None:
