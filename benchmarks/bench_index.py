@@ -3,10 +3,10 @@
 The baseline is the *fastest* forward pass the hardware offers for the encoder: the model alone on pre-decoded
 tensors, in NCHW and in channels-last layout, each with glibc's default allocator and with the allocator setting
 that `mammals index` makes (indexer/runtime.py), in inference mode, same batch size, same threads; the fastest
-of the four is the baseline. The model is the one `mammals index` runs, BatchNorms folded into the convolutions
-(indexer/encoders/fold.py); the unfolded network's channels-last rate is printed beside it (what folding gains).
-Against it, whole `mammals index` runs (read, hash, decode, preprocess, forward, write the store), each into a
-fresh store:
+of the four is the baseline. The model is the one `mammals index` runs, BatchNorms and padding folded into the
+convolutions (indexer/encoders/fold.py); the unfolded network's channels-last rate is printed beside it (what
+folding gains). Against it, whole `mammals index` runs (read, hash, decode, preprocess, forward, write the
+store), each into a fresh store:
 
 - with ``--no-sparsity`` (target >= 0.8x the best bare rate),
 - with the default sampled sparsity (target >= 0.6x),
@@ -94,8 +94,8 @@ def main() -> int:
              for layout, (model, fmt) in layout_models(enc).items()}
     tuned = keep_freed_memory()
     models = layout_models(enc)
-    unfolded = load_encoder(a.encoder, device=str(device), fold_norms=False)
-    if enc.folded_norms:
+    unfolded = load_encoder(a.encoder, device=str(device), fold=False)
+    if any(enc.folded.values()):
         models["channels_last_unfolded"] = (unfolded.model, unfolded.memory_format)
     with tempfile.TemporaryDirectory() as tmp:  # warm-up of the whole pipeline (and its imports)
         run_index([a.data], Path(tmp) / "warm", encoder=enc, progress=False, batch_size=a.batch_size,
@@ -139,7 +139,7 @@ def main() -> int:
     out = write_results("index", {
         "data": shown(a.data), "images": len(paths), "batch_size": a.batch_size, "workers": a.workers,
         "encoder": a.encoder, "device": str(device), "encoder_layout": str(enc.memory_format),
-        "batchnorms_folded": enc.folded_norms,
+        "folded_into_convolutions": enc.folded,
         "allocator_tuned": tuned, "rounds": a.repeats, "estimator": "best round of each, rounds interleaved",
         "bare_forward_images_per_second": {k: round(v, 2) for k, v in rates.items()},
         "best_bare_forward": best_layout, "index": runs,

@@ -163,7 +163,7 @@ def test_efficientnet_accepts_renamed_weight_file(
     photos = _photos("dog/pug", 2)
 
     by_argument = load_efficientnet_lite0(weights_path=path)  # the family loader: BatchNorms not folded
-    assert torch.equal(_embed(by_argument, photos), _embed(load_encoder("efficientnet-lite0", fold_norms=False),
+    assert torch.equal(_embed(by_argument, photos), _embed(load_encoder("efficientnet-lite0", fold=False),
                                                            photos))
     assert by_argument.weights_sha256 == _sha256(path) != EFFICIENTNET_SHA256
 

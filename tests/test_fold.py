@@ -15,7 +15,7 @@ from torch import nn
 
 from indexer.encoders import load_encoder
 from indexer.encoders.efficientnet import load_efficientnet_lite0_classifier
-from indexer.encoders.fold import fold_batchnorm
+from indexer.encoders.fold import StaticSameConv2d, fold_batchnorm, fold_same_padding
 from indexer.sparsity.recorder import SparsityRecorder, activation_layers
 
 PETS = Path(__file__).resolve().parents[2] / "shared" / "data" / "pets"
@@ -46,9 +46,9 @@ def _randomise_norms(model: nn.Module) -> None:
 def test_efficientnet_encoder_is_folded_with_the_same_embeddings_and_layer_names() -> None:
     enc = load_encoder("efficientnet-lite0")
     plain = load_efficientnet_lite0_classifier()  # the same weights, not folded
-    assert enc.folded_norms == 49
+    assert enc.folded == {"batchnorm": 49, "same_padding": 5}
     assert not any(isinstance(m, nn.BatchNorm2d) for m in enc.model.modules())
-    assert load_encoder("efficientnet-lite0", fold_norms=False).folded_norms == 0
+    assert load_encoder("efficientnet-lite0", fold=False).folded == {}
     # Sparsity is recorded at the activations: the same modules under the same names.
     assert [n for n, _ in activation_layers(enc.model)] == [n for n, _ in activation_layers(plain)]
     x = _photos().contiguous(memory_format=torch.channels_last)
@@ -162,3 +162,49 @@ def test_the_vae_indexes_with_a_folded_channels_last_encoder_and_the_same_poster
     # Decoding (the latent explorer) is untouched.
     with torch.inference_mode():
         assert torch.equal(vae.decode(mu), trained.decode(mu))
+
+
+@pytest.mark.parametrize(("kernel", "stride", "size"), [(3, 2, (224, 224)), (5, 2, (112, 112)), (3, 2, (31, 40)),
+                                                        (5, 1, (14, 15)), (3, 2, (7, 7)), (1, 2, (9, 8))])
+def test_static_same_padding_computes_what_timm_conv2d_same_does(kernel: int, stride: int,
+                                                                 size: tuple[int, int]) -> None:
+    from timm.layers.conv2d_same import Conv2dSame
+
+    torch.manual_seed(0)
+    for groups, cin, cout in ((1, 3, 8), (6, 6, 6)):  # a stem-like and a depthwise convolution
+        conv = Conv2dSame(cin, cout, kernel, stride, groups=groups, bias=True).eval()
+        ours = StaticSameConv2d(conv)
+        x = torch.randn(2, cin, *size)
+        with torch.inference_mode():
+            expected, got = conv(x), ours(x)
+            assert got.shape == expected.shape
+            assert torch.allclose(got, expected, atol=1e-5)
+            # Channels-last, as the encoders run.
+            assert torch.allclose(ours.to(memory_format=torch.channels_last)(
+                x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-5)
+    assert set(ours.state_dict()) == set(conv.state_dict())
+
+
+def test_static_same_padding_follows_new_weights() -> None:
+    from timm.layers.conv2d_same import Conv2dSame
+
+    conv = Conv2dSame(3, 4, 3, 2).eval()
+    ours = StaticSameConv2d(conv)
+    x = torch.randn(1, 3, 16, 16)
+    with torch.inference_mode():
+        ours(x)  # the padded kernel of the old weights is made here
+    ours.weight = nn.Parameter(ours.weight * 2)  # what a later BatchNorm fold does
+    with torch.no_grad():
+        conv.weight.mul_(2)
+    with torch.inference_mode():
+        assert torch.allclose(ours(x), conv(x), atol=1e-5)
+
+
+def test_efficientnet_same_padding_fold_gives_the_unfolded_embeddings() -> None:
+    enc = load_encoder("efficientnet-lite0", fold=False)
+    reference = copy.deepcopy(enc.model)
+    x = _photos().contiguous(memory_format=torch.channels_last)
+    assert fold_same_padding(enc.model, x[:2]) == 5
+    assert sum(isinstance(m, StaticSameConv2d) for m in enc.model.modules()) == 5
+    with torch.inference_mode():
+        assert _cosines(enc.model(x), reference(x)).min() >= 0.99999

@@ -47,8 +47,8 @@ class Encoder:
     memory_format: torch.memory_format = torch.contiguous_format
     # Half-precision dtype the model runs in under autocast (None: float32), set by load_encoder (autocast_dtype).
     autocast: torch.dtype | None = None
-    # BatchNorm layers merged into the convolution before them (load_encoder; indexer/encoders/fold.py).
-    folded_norms: int = 0
+    # What load_encoder folded into the convolutions (indexer/encoders/fold.py): {"batchnorm": n, "same_padding": m}.
+    folded: dict[str, int] = field(default_factory=dict)
 
     @property
     def input_side(self) -> int:
