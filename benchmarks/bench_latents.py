@@ -1,16 +1,20 @@
 """Training time of the mapper and the VAE with their defaults, and indexing throughput with every space and
 per-layer sparsity on versus the encoder alone, on the shared photos, in one run.
 
-Targets: the mapper trains in under 5 minutes and the VAE in under 15 (issue 10) on a 2-core CPU.  The indexing
-ratio is reported, not targeted here (issue 11 targets it).  The models' reports (held-out kNN accuracies, swap
-accuracy, reconstruction species/breed agreement, Fréchet distance) are written beside the times.
+Targets: the mapper trains in under 5 minutes and the VAE in under 15 (issue 10) on a 2-core CPU; indexing
+with every space and sparsity at most 1.3x the time of the encoder alone (issue 11).  The two index runs
+alternate in rounds after training (``--repeats``, default 3), each into a fresh store, and each keeps its
+fastest round, as in bench_index: this shared VM drifts by 10-20% from minute to minute.  The models' reports
+(held-out kNN accuracies, swap accuracy, reconstruction species/breed agreement, Fréchet distance) are written
+beside the times.
 
-    python -m benchmarks.bench_latents [--data ../shared/data/pets]
+    python -m benchmarks.bench_latents [--data ../shared/data/pets] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -21,6 +25,7 @@ from indexer.pipeline import run_index
 
 MAPPER_TARGET_S = 300
 VAE_TARGET_S = 900
+RATIO_TARGET = 1.3
 
 
 def main() -> int:
@@ -28,20 +33,33 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=SHARED_DATA / "pets")
     ap.add_argument("--keep", type=Path, help="build the stores in this new folder and keep them (e.g. for "
                     "`python -m dashboard.screenshots KEEP/full`) instead of a temporary one")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of the two index runs; each keeps its best")
     a = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
         tmp = a.keep or Path(scratch)
         tmp.mkdir(parents=True, exist_ok=True)
-        base = Path(tmp) / "encoder-only"
-        rep_enc, enc_only_s = timed(run_index, [a.data], base, progress=False, sparsity=False)
+        base = Path(tmp) / "trained"
+        run_index([a.data], base, progress=False, sparsity=False)
         mapper, mapper_s = timed(train_store_mapper, base, progress=False)
         vae, vae_s = timed(train_store_vae, base, progress=False)
 
-        # The same photos into a fresh store that already has both models: every space + sparsity per image.
-        full = Path(tmp) / "full"
-        new_store_with_models(base, full)
-        rep_full, full_s = timed(run_index, [a.data], full, progress=False, sparsity=True)
+        # The same photos into fresh stores: the encoder alone without sparsity, and (a store that already has
+        # both models) every space + sparsity per image.
+        enc_only_s = full_s = float("inf")
+        for r in range(a.repeats):
+            rep, s = timed(run_index, [a.data], Path(tmp) / f"encoder-only-{r}", progress=False, sparsity=False)
+            if s < enc_only_s:
+                rep_enc, enc_only_s = rep, s
+            last = r == a.repeats - 1
+            full = Path(tmp) / ("full" if last else f"full-{r}")  # --keep keeps the last (for screenshots)
+            new_store_with_models(base, full)
+            rep, s = timed(run_index, [a.data], full, progress=False, sparsity=True)
+            if s < full_s:
+                rep_full, full_s = rep, s
+            shutil.rmtree(Path(tmp) / f"encoder-only-{r}")  # two stores per round: drop them as we go
+            if not last:
+                shutil.rmtree(full)
 
     ratio = full_s / enc_only_s
     print(f"train mapper (defaults)          : {mapper_s:7.1f} s  (target < {MAPPER_TARGET_S} s)")
@@ -54,7 +72,7 @@ def main() -> int:
           f"(majority {v['val_breed_majority_rate']:.3f})  FD {v['val_frechet_distance']:.3f}")
     print(f"index, encoder only, no sparsity : {enc_only_s:7.1f} s  ({rep_enc.added / enc_only_s:5.1f} img/s)")
     print(f"index, all spaces + sparsity     : {full_s:7.1f} s  ({rep_full.added / full_s:5.1f} img/s)")
-    print(f"ratio all/encoder-only           : {ratio:7.2f}")
+    print(f"ratio all/encoder-only           : {ratio:7.3f}  (target <= {RATIO_TARGET}; best of {a.repeats} rounds)")
     print(f"stages (all spaces)              : {rep_full.stages}")
     out = write_results("latents", {
         "data": shown(a.data), "images": rep_enc.added,
@@ -62,7 +80,9 @@ def main() -> int:
         "target_seconds": {"mapper": MAPPER_TARGET_S, "vae": VAE_TARGET_S},
         "mapper_report": mapper["report"], "vae_report": vae["report"],
         "index_encoder_only_seconds": round(enc_only_s, 2), "index_all_spaces_sparsity_seconds": round(full_s, 2),
-        "ratio_all_over_encoder_only": round(ratio, 3), "stages_all_spaces": rep_full.stages,
+        "ratio_all_over_encoder_only": round(ratio, 3), "target_ratio": RATIO_TARGET, "rounds": a.repeats,
+        "estimator": "best round of each, rounds interleaved", "stages_encoder_only": rep_enc.stages,
+        "stages_all_spaces": rep_full.stages,
         "spaces": rep_full.spaces,
     })
     print(f"written to {out}", file=sys.stderr)
