@@ -208,3 +208,22 @@ def test_efficientnet_same_padding_fold_gives_the_unfolded_embeddings() -> None:
     assert sum(isinstance(m, StaticSameConv2d) for m in enc.model.modules()) == 5
     with torch.inference_mode():
         assert _cosines(enc.model(x), reference(x)).min() >= 0.99999
+
+
+def test_folded_encoder_loads_under_inference_mode_and_backpropagates_to_its_input() -> None:
+    # The VAE's report loads the encoder inside inference_mode; its perceptual loss backpropagates through the
+    # same network to the reconstruction after inference-mode passes (the fold's own probe is one).
+    with torch.inference_mode():
+        enc = load_encoder("efficientnet-lite0")
+    assert enc.folded == {"batchnorm": 49, "same_padding": 5}
+    enc = load_encoder("efficientnet-lite0")
+    plain = load_encoder("efficientnet-lite0", fold=False)
+    x = torch.rand(2, 3, 224, 224)
+    grads = []
+    for model in (enc.model, plain.model):
+        with torch.inference_mode():
+            model(x)
+        xi = x.clone().requires_grad_(True)
+        model(xi.contiguous(memory_format=torch.channels_last)).square().sum().backward()
+        grads.append(xi.grad)
+    assert _cosines(grads[0], grads[1]).min() >= 0.9999

@@ -165,24 +165,28 @@ class StaticSameConv2d(nn.Conv2d):
         super().__init__(conv.in_channels, conv.out_channels, (kh, kw), (sh, sw), 0, 1, conv.groups,
                          bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
         self.weight, self.bias = conv.weight, conv.bias
-        self._plans: dict[tuple[int, ...], tuple[torch.Tensor, tuple[int, int]]] = {}
+        self._plans: dict[tuple[int, int, bool], tuple[torch.Tensor, torch.Tensor, tuple[int, int]]] = {}
 
     def _plan(self, h: int, w: int) -> tuple[torch.Tensor, tuple[int, int]]:
-        # Keyed by the weights too: a fold that replaces them (BatchNorm) must not meet a stale kernel.
-        key = (h, w, id(self.weight), self.weight._version)
+        # One kernel per input size and per mode: one made under inference_mode is an inference tensor, which
+        # autograd may not save (a VAE's perceptual loss backpropagates through this network). The weights it was
+        # made from are kept and compared, so a fold that replaces them (BatchNorm) never meets a stale kernel.
+        key = (h, w, torch.is_inference_mode_enabled())
         got = self._plans.get(key)
-        if got is None:
+        if got is None or got[0] is not self.weight:
             lead, pads = [], []
             for size, k, s in zip((h, w), self.kernel_size, self.stride, strict=True):
                 total = max((-(-size // s) - 1) * s + k - size, 0)
                 lead.append(total % 2)
                 pads.append(total // 2 + total % 2)
-            kernel = nn.functional.pad(self.weight.detach(), (lead[1], 0, lead[0], 0))
+            with torch.no_grad():
+                kernel = nn.functional.pad(self.weight, (lead[1], 0, lead[0], 0))
             fmt = torch.channels_last if self.weight.is_contiguous(memory_format=torch.channels_last) and \
                 not self.weight.is_contiguous() else torch.contiguous_format
-            self._plans.clear()  # one input size at a time in practice; never grow without bound
-            got = self._plans[key] = (kernel.contiguous(memory_format=fmt), (pads[0], pads[1]))
-        return got
+            if len(self._plans) >= 8:  # a few input sizes in practice; never grow without bound
+                self._plans.clear()
+            got = self._plans[key] = (self.weight, kernel.contiguous(memory_format=fmt), (pads[0], pads[1]))
+        return got[1], got[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel, padding = self._plan(x.shape[-2], x.shape[-1])
