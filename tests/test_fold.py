@@ -227,3 +227,15 @@ def test_folded_encoder_loads_under_inference_mode_and_backpropagates_to_its_inp
         model(xi.contiguous(memory_format=torch.channels_last)).square().sum().backward()
         grads.append(xi.grad)
     assert _cosines(grads[0], grads[1]).min() >= 0.9999
+
+
+def test_a_padding_fold_that_changes_the_output_is_undone(monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    from timm.layers.conv2d_same import Conv2dSame
+
+    model = nn.Sequential(Conv2dSame(3, 4, 3, 2), nn.Flatten()).eval()
+    original = model[0]
+    monkeypatch.setattr(StaticSameConv2d, "forward", lambda self, x: Conv2dSame.forward(self, x) + 1.0)
+    with caplog.at_level(logging.WARNING, logger="indexer.encoders.fold"):
+        assert fold_same_padding(model, torch.randn(2, 3, 16, 16)) == 0
+    assert model[0] is original and "padding fold undone" in caplog.text

@@ -135,23 +135,37 @@ def fold_batchnorm(model: nn.Module, probe: torch.Tensor) -> int:
     pairs = [p for p, ok in zip(pairs, _fed_directly(model, pairs, probe), strict=True) if ok]
     if not pairs:
         return 0
-    with torch.inference_mode():
-        before = model(probe).float()
     # What folding replaces, to put back if the output changes (parameters are replaced, not written into).
     saved = [(conv, conv.weight, conv.bias, parent, bn_name, getattr(parent, bn_name))
              for parent, conv, bn_name in pairs]
-    for parent, conv, bn_name in pairs:
-        _fold_pair(parent, conv, bn_name)
+
+    def fold() -> None:
+        for parent, conv, bn_name in pairs:
+            _fold_pair(parent, conv, bn_name)
+
+    def undo() -> None:
+        for conv, weight, bias, parent, bn_name, bn in saved:
+            conv.weight, conv.bias = weight, bias
+            setattr(parent, bn_name, bn)
+
+    return len(pairs) if _kept_if_unchanged(model, probe, fold, undo, "BatchNorm folding") else 0
+
+
+def _kept_if_unchanged(model: nn.Module, probe: torch.Tensor, change: Callable[[], None], undo: Callable[[], None],
+                       what: str) -> bool:
+    """Make ``change`` to ``model``; keep it if the output on ``probe`` stays (cosine >= MATCH_COSINE per
+    image), else ``undo`` it, with a warning."""
+    with torch.inference_mode():
+        before = model(probe).float()
+    change()
     with torch.inference_mode():
         after = model(probe).float()
     cosine = torch.nn.functional.cosine_similarity(before.flatten(1), after.flatten(1), dim=1).min().item()
     if cosine >= MATCH_COSINE:
-        return len(pairs)
-    log.warning("BatchNorm folding undone: the folded network's output differs (cosine %.6f)", cosine)
-    for conv, weight, bias, parent, bn_name, bn in saved:
-        conv.weight, conv.bias = weight, bias
-        setattr(parent, bn_name, bn)
-    return 0
+        return True
+    log.warning("%s undone: the network's output differs (cosine %.6f)", what, cosine)
+    undo()
+    return False
 
 
 class StaticSameConv2d(nn.Conv2d):
@@ -200,16 +214,10 @@ def fold_same_padding(model: nn.Module, probe: torch.Tensor) -> int:
              if isinstance(conv, nn.Conv2d) and _qualname(conv) == _CONV2D_SAME and tuple(conv.dilation) == (1, 1)]
     if not found:
         return 0
-    with torch.inference_mode():
-        before = model(probe).float()
-    for parent, name, conv in found:
-        setattr(parent, name, StaticSameConv2d(conv))
-    with torch.inference_mode():
-        after = model(probe).float()
-    cosine = torch.nn.functional.cosine_similarity(before.flatten(1), after.flatten(1), dim=1).min().item()
-    if cosine >= MATCH_COSINE:
-        return len(found)
-    log.warning("TF-same padding fold undone: the network's output differs (cosine %.6f)", cosine)
-    for parent, name, conv in found:
-        setattr(parent, name, conv)
-    return 0
+
+    def swap(static: bool) -> None:
+        for parent, name, conv in found:
+            setattr(parent, name, StaticSameConv2d(conv) if static else conv)
+
+    kept = _kept_if_unchanged(model, probe, lambda: swap(True), lambda: swap(False), "TF-same padding fold")
+    return len(found) if kept else 0
