@@ -88,7 +88,7 @@ def load_encoder(name: str, device: str = "cpu", precision: str = defaults.PRECI
 
     ``precision`` (:func:`autocast_dtype`): ``"auto"``, ``"fp32"``, ``"fp16"`` or ``"bf16"``. ``fold``: merge
     BatchNorms and TF-"same" padding into the convolutions (:mod:`indexer.encoders.fold`: the same embeddings,
-    ~30% faster for EfficientNet-Lite0); off only to measure what it gains.
+    24% faster for EfficientNet-Lite0 here); off only to measure what it gains.
 
     Raises :class:`EncoderError` with a one-line message for every user-fixable problem: a bad name, a missing or
     mismatched checkpoint, an unknown model, a download that failed because there is no network.
