@@ -535,7 +535,7 @@ class Store:
                 col = self._read(schema.SPARSITY, int(t["version"]), ["id"], ("model", model)).column("id")
                 have = set(pc.unique(col).to_pylist())
             self._sparsity_ids[model] = have
-        pending = {i for df in self._new_sparsity for i in df.loc[df["model"] == model, "id"]}
+        pending = {i for df in self._new_sparsity for i in df.loc[df["model"] == model, "id"].unique().tolist()}
         return self._sparsity_ids[model] | pending
 
     def sparsity_models(self) -> dict[str, dict[str, Any]]:
@@ -755,7 +755,9 @@ class Store:
             for df in self._new_sparsity:
                 for key, ids in df.groupby("model")["id"]:
                     if str(key) in self._sparsity_ids:
-                        self._sparsity_ids[str(key)] |= set(ids)
+                        # unique() first: one row per layer and metric, and iterating an Arrow-backed column
+                        # element by element cost 0.2 s for 1,140 photos' rows.
+                        self._sparsity_ids[str(key)] |= set(ids.unique().tolist())
         for name in [*self._replaced, *self._dropped, *self._new_vectors]:
             self._spaces.pop(name, None)
             self._search.pop(name, None)
