@@ -7,10 +7,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms
 
+from indexer.encoders.fused import FusedResizeCrop
 from indexer.extract import iter_batches
 from indexer.images import ImageError
 from indexer.models.vae.config import VAEError, check_image_size
@@ -35,13 +37,33 @@ def _geometry(image_size: int) -> list[Callable[[Any], Any]]:
     ]
 
 
+class VAEResizeCrop(FusedResizeCrop):
+    """The VAE's view of an RGB photo in one step (indexer/encoders/fused.py): the numbers of ``Resize(S)``,
+    ``CenterCrop(S)``, ``ToTensor`` up to one 8-bit level on a few values, in under half the time (a pets photo:
+    0.30 instead of 0.68 ms), as a ``(3, S, S)`` view of channel-last memory, the layout the VAE runs in. The
+    decode threads share the cores with the models, so this is time the forward passes get back."""
+
+    def __init__(self, image_size: int) -> None:
+        check_image_size(image_size)
+        super().__init__(image_size, (image_size, image_size), Image.Resampling.BICUBIC, (0.0, 0.0, 0.0),
+                         (1.0, 1.0, 1.0), transforms.Compose([*_geometry(image_size), transforms.ToTensor()]))
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return super().__call__(_rgb_only(img))
+
+    def pixels(self, img: Image.Image) -> torch.Tensor:
+        """The same view as uint8 ``(3, S, S)`` (what training keeps in memory)."""
+        out = self.cropped(_rgb_only(img))
+        assert out is not None  # the crop is the resized shorter side: it always fits
+        return torch.from_numpy(np.array(out)).permute(2, 0, 1)
+
+
 def vae_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
     """RGB PIL image -> float tensor ``(3, S, S)`` in [0, 1] (shorter side resized to S, centre crop). Picklable.
 
     Raises ``VAEError`` for an image of another mode: read photos with ``indexer.images``, which converts.
     """
-    check_image_size(image_size)
-    return transforms.Compose([*_geometry(image_size), transforms.ToTensor()])
+    return VAEResizeCrop(image_size)
 
 
 def load_images(paths: Sequence[str], image_size: int, *, workers: int = 1) -> torch.Tensor:
@@ -56,7 +78,7 @@ def load_images(paths: Sequence[str], image_size: int, *, workers: int = 1) -> t
     out = torch.empty((len(paths), 3, image_size, image_size), dtype=torch.uint8)
     if not paths:
         return out
-    uint8 = transforms.Compose([*_geometry(image_size), transforms.PILToTensor()])
+    uint8 = VAEResizeCrop(image_size).pixels  # the pixels vae_transform scales: training sees what indexing sees
     for batch in iter_batches(paths, {_TENSORS: uint8}, batch_size=_LOAD_BATCH, workers=max(0, workers)):
         for r in batch.results:
             if r.status != "ok":  # no known ids are given, so anything else is an error
