@@ -209,7 +209,13 @@ def test_bad_inputs() -> None:
         sparsity_metrics(torch.ones(2, 3, dtype=torch.int64))
 
 
-def test_random_vectors_match_the_textbook_formulas_on_both_sort_paths() -> None:
+@pytest.mark.parametrize("threaded_from", [0, None], ids=["per-image-threads", "small-layer-arrays"])
+def test_random_vectors_match_the_textbook_formulas_on_both_sort_paths(
+        threaded_from: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    import indexer.sparsity.metrics as sp
+
+    if threaded_from is not None:  # these small layers would take the all-at-once path; force the per-image one
+        monkeypatch.setattr(sp, "_THREADED_ELEMENTS", threaded_from)
     gen = torch.Generator().manual_seed(0)
     acts = torch.randn(6, 7, 11, generator=gen)
     acts[acts < 0.2] = 0.0  # many exact zeros
@@ -241,8 +247,9 @@ def test_torch_path_chunks_images(monkeypatch: pytest.MonkeyPatch) -> None:
     assert_metrics(whole, [ref_metrics(r.tolist()) for r in acts.double()])
 
 
-def test_result_does_not_depend_on_thread_count() -> None:
-    acts = torch.relu(torch.randn(8, 5000, generator=torch.Generator().manual_seed(1)))
+def test_result_does_not_depend_on_thread_count_or_batch() -> None:
+    # 8 x 40,000 entries: above _THREADED_ELEMENTS, so images are spread over threads
+    acts = torch.relu(torch.randn(8, 40_000, generator=torch.Generator().manual_seed(1)))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -253,6 +260,29 @@ def test_result_does_not_depend_on_thread_count() -> None:
         torch.set_num_threads(before)
     for name in METRICS:
         assert torch.equal(one[name], two[name])
+    # A small layer is computed for the whole batch at once; an image's numbers are still its own.
+    small = torch.relu(torch.randn(8, 512, generator=torch.Generator().manual_seed(3)))
+    small[5, 7] = math.nan
+    batch = sparsity_metrics(small)
+    for i in (0, 3, 7):
+        alone = sparsity_metrics(small[i:i + 1])
+        for name in METRICS:
+            assert torch.equal(alone[name][0], batch[name][i]), (i, name)
+    assert all(math.isnan(batch[m][5].item()) for m in METRICS)
+
+
+def test_count_at_most_is_the_comparison_count_in_sorted_rows() -> None:
+    from indexer.sparsity.metrics import _count_at_most
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        units = int(rng.integers(1, 40))
+        c = rng.choice([0.0, 0.5, 1.0, 2.0, math.nan], size=(3, 4, units)).astype(np.float32)
+        c.sort(axis=-1)
+        t = rng.choice([-1.0, 0.0, 0.5, 1.5, 2.0, math.nan], size=(3, 4)).astype(np.float32)
+        with np.errstate(invalid="ignore"):
+            expected = (c <= t[..., None]).sum(axis=-1)
+        assert np.array_equal(_count_at_most(c, t), expected)
 
 
 # ------------------------------------------------------------------------------------------------- layers and hooks

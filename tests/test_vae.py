@@ -333,6 +333,24 @@ def test_transform_is_picklable_and_matches_load_images() -> None:
         transform(img.convert("L"))
 
 
+def test_transform_is_torchvisions_resize_crop_to_one_level_in_channel_last_memory() -> None:
+    from torchvision import transforms
+
+    from indexer.models.vae.photos import _geometry
+
+    reference = transforms.Compose([*_geometry(64), transforms.ToTensor()])
+    fused = vae_transform(64)
+    diffs = []
+    for path in sample_photos(20):
+        _, img = load_image(path)
+        y = fused(img)
+        assert y.shape == (3, 64, 64) and y.stride(0) == 1  # a (3, H, W) view of (H, W, 3) memory
+        diffs.append((y - reference(img)).abs() * 255)
+    d = torch.stack(diffs)
+    assert float(d.max()) <= 2.0 + 1e-3  # at most 2 grey levels on any value
+    assert float((d > 0.5).float().mean()) < 0.01  # and on under 1% of the values
+
+
 def test_load_images_converts_any_mode_to_rgb(tmp_path: Path) -> None:
     path = sample_photos(1)[0]
     with Image.open(path) as im:
