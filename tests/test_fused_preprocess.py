@@ -118,6 +118,8 @@ def test_nchw_models_get_contiguous_tensors_and_odd_pipelines_stay_as_they_are()
     fused = fuse_preprocess(padded)
     assert isinstance(fused, FusedResizeCrop)
     assert torch.equal(fused(img), padded(img))
+    with pytest.raises(ValueError, match="crop is larger"):  # no uint8 pixels for those: there is no crop
+        fused.pixels(img)
     # Grey and palette photos are converted as EnsureRGB does; the step pickles (decode processes, Ray).
     grey = img.convert("L")
     most, _ = _levels(fused(grey), padded(grey.convert("RGB")))

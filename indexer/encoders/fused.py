@@ -144,6 +144,15 @@ class FusedResizeCrop:
             return self._torch_resize_crop(img, left, top, rw, rh)
         return np.asarray(self._pillow_resize_crop(img, left, top, rw, rh))
 
+    def pixels(self, img: Image.Image) -> torch.Tensor:
+        """:meth:`cropped` as a uint8 ``(3, H, W)`` tensor (a view of a channel-last copy), for a consumer that
+        keeps or ships pixels (the Ray engine's decode stage, the VAE's training set); only for photos whose crop
+        fits the resize (``ValueError`` otherwise: :meth:`__call__` pads those through the fallback)."""
+        out = self.cropped(img)
+        if out is None:
+            raise ValueError(f"the {self.crop} crop is larger than the {self.short} px resize of a {img.size} photo")
+        return torch.from_numpy(np.array(out)).permute(2, 0, 1)
+
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 ``(B, 3, H, W)`` pixels of :meth:`cropped` photos -> the float32 batch ``__call__`` gives, bit for
         bit (the same two operations, per channel), for a consumer that receives pixels (the Ray engine)."""

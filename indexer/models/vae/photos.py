@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms
@@ -52,10 +51,9 @@ class VAEResizeCrop(FusedResizeCrop):
         return super().__call__(_rgb_only(img))
 
     def pixels(self, img: Image.Image) -> torch.Tensor:
-        """The same view as uint8 ``(3, S, S)`` (what training keeps in memory)."""
-        out = self.cropped(_rgb_only(img))
-        assert out is not None  # the crop is the resized shorter side: it always fits
-        return torch.from_numpy(np.array(out)).permute(2, 0, 1)
+        """The same view as uint8 ``(3, S, S)`` (what training keeps in memory); the crop, the resized shorter
+        side, always fits."""
+        return super().pixels(_rgb_only(img))
 
 
 def vae_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
