@@ -185,8 +185,8 @@ def _sums_small(src: np.ndarray, weights: np.ndarray, threshold: float) -> tuple
     finite = np.isfinite(peak)
     d = c.astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
-        near = (d <= (threshold * peak)[:, None]).sum(axis=1).astype(np.float64)
-        sums = (d.sum(axis=1), np.einsum("bi,bi->b", d, d), np.einsum("bi,i->b", d, weights), near)
+        counts = _count_at_most(d, threshold * peak).astype(np.float64)  # d is sorted: a search, not a comparison
+        sums = (d.sum(axis=1), np.einsum("bi,bi->b", d, d), np.einsum("bi,i->b", d, weights), counts)
     l1, sumsq, gini_num, near = (torch.from_numpy(np.where(finite, x, 0.0)) for x in sums)
     return l1, sumsq, gini_num, near, torch.from_numpy(finite)
 
@@ -448,8 +448,9 @@ def _count_at_most(c: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 def finish_samples(parts: list[LayerSample], threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
     """``(L, len(METRICS), B)`` float64 metrics of the layers whose samples :func:`take_sample` read (all from
-    the same batch and :class:`BatchSample`): one sort over all of them (about 4 ms for a batch of 32 through
-    EfficientNet-Lite0; splitting it over two threads measured no faster), and the sums and edge cases of
+    the same batch and :class:`BatchSample`): one sort over all of them (13-16 ms for a batch of 32 through
+    EfficientNet-Lite0, 2026-12-04; two threads took 10 ms alone, but in an indexing run the second core is the
+    decode thread's or torch's spinning OpenMP worker's, so it stays one), and the sums and edge cases of
     :func:`_combine` as array operations (per layer it was 40 small tensor ops)."""
     threshold = _check_threshold(threshold)
     if not parts:
