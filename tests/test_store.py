@@ -88,12 +88,18 @@ def test_train_refuses_at_once_when_the_store_is_being_written(pets_store_copy: 
 
 
 def test_readers_never_see_half_a_commit(pets_store_copy: Path) -> None:
-    """200 rounds of opening and searching while a writer publishes a commit every 3 rows."""
-    writer = _writer(pets_store_copy, "live", 120, 3)
+    """Opening and searching, round after round, for as long as a writer publishes a commit every 3 rows.
+
+    Only rounds that overlap the writer can catch half a commit, so the loop stops when it exits (at most 200
+    rounds). 60 commits keep readers busy for about a minute on 2 cores; 120 took three times as long and checked
+    nothing more."""
+    writer = _writer(pets_store_copy, "live", 60, 3)
     seen: list[int] = []
     errors: list[str] = []
     try:
         for round_ in range(200):
+            if writer.poll() is not None and round_ >= 20:
+                break
             try:  # every 20th round also through deltalake + duckdb alone and the sparsity table
                 seen.append(len(check_consistent(pets_store_copy, deep=round_ % 20 == 0)))
             except Exception as e:  # every failure is counted and reported, none stops the loop
@@ -104,7 +110,7 @@ def test_readers_never_see_half_a_commit(pets_store_copy: Path) -> None:
     assert errors == []
     assert seen == sorted(seen) and seen[-1] > seen[0], "readers saw the store grow, version by version"
     assert len(set(seen)) >= 10, "reads overlapped many commits"
-    assert len(check_consistent(pets_store_copy)) == 1140 + 360
+    assert len(check_consistent(pets_store_copy)) == 1140 + 180
 
 
 # ------------------------------------------------------------------------------------------------- kill -9
@@ -124,7 +130,7 @@ def test_kill_at_every_step_of_a_commit_and_at_random_moments(pets_store_copy: P
         assert len(now) - len(committed) in (0, 4), step  # the killed commit is all or nothing
         committed = now
     rng = random.Random(8)
-    for round_ in range(24):  # and at random moments of a run of many small commits
+    for round_ in range(16):  # and at random moments of a run of many small commits
         proc = _writer(store, f"random-{round_}", 200, 2)
         time.sleep(rng.uniform(1.5, 4.0))
         proc.send_signal(signal.SIGKILL)
@@ -133,7 +139,7 @@ def test_kill_at_every_step_of_a_commit_and_at_random_moments(pets_store_copy: P
         now = check_consistent(store)
         assert committed <= now, f"round {round_}: committed rows lost"
         committed = now
-    assert kills >= 30
+    assert kills >= len(COMMIT_STEPS) + 14
     # The next writer finishes what was started, and verify finds every invariant intact.
     append_batches(store, "after", 2, 3)
     assert len(check_consistent(store)) == len(committed) + 6
