@@ -86,7 +86,7 @@ def test_default_training_halves_val_reconstruction_error(
     assert set(trained.split) == set(ids)
     n_val = sum(v == "val" for v in trained.split.values())
     assert n_val == round(0.1 * 1140) == r["n_val"]
-    assert len(trained.history) == cfg.epochs  # 1,320 steps: under max_steps
+    assert len(trained.history) == cfg.epochs  # 990 steps: under max_steps
     assert r["steps"] == cfg.epochs * np.ceil(r["n_train"] / cfg.batch_size) <= cfg.max_steps
     # The first-epoch number is the one measured after the first full epoch, like the last one.
     assert r["val_recon_mse_first_epoch"] == trained.history[0]["val_recon_mse"]
