@@ -43,8 +43,9 @@ _SAVED_WITHOUT: dict[str, Any] = {"latent_grid": 0, "max_steps": 0, "perceptual_
 class VAEConfig:
     """Everything that defines a trained VAE: architecture, loss and training settings (saved beside the weights).
 
-    The defaults train on the 1,140 shared 64 px photos in about 4 to 6.5 minutes on a 2-core CPU (990 steps; at
-    most 1,500 steps on any store, so at most about 10 minutes whatever its size).
+    The defaults train on the 1,140 shared 64 px photos in about 6 minutes on a loaded 2-core CPU (372 s in
+    bench_latents, 2026-12-04, where the old defaults took 634 s; 990 steps), and take at most 1,500 steps on any
+    store, so at most about 10 minutes whatever its size.
 
     Measured on the pets photos (912 train, 228 held out; this CPU): how often the pretrained encoder puts a
     held-out reconstruction in its original's species / breed (majority rates 0.61 / 0.06), the Fréchet distance
@@ -62,7 +63,7 @@ class VAEConfig:
     grid z, beta 0.02, + perceptual 50, crop 96                0.85     0.35   0.20    4.5 min
     =========================================================  =======  =====  ======  =====
 
-    The same three settings measured again on 2026-12-04, on the default split (1,026 train, 114 held out:
+    The last setting and two cheaper ones, measured on 2026-12-04 on the default split (1,026 train, 114 held out:
     majority rates 0.58 / 0.06), with the fused 64 px preprocessing, in one afternoon on a loaded VM (so the
     times are slower than above, and comparable with each other only):
 
