@@ -9,7 +9,9 @@ STORE   ?= stores/pets
 
 $(BIN)/mammals: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,ray]'
+	# --no-compile: pip would byte-compile every file of every package (plotly, ray, torch: 85 of 213 s here);
+	# Python compiles the modules that are imported, once, on first use.
+	$(BIN)/pip install -q --disable-pip-version-check --no-compile -c constraints.txt -e '.[dev,ray]'
 	@touch $@
 
 install: $(BIN)/mammals
