@@ -153,7 +153,16 @@ def wait_until_idle(page: Any, *, timeout_s: float = PAGE_TIMEOUT_S) -> None:
     # Thumbnails and fonts load after the script finishes; let the page settle before measuring or capturing.
     with contextlib.suppress(Exception):
         page.wait_for_load_state("networkidle", timeout=15_000)
+    # Every image of this run loaded (or failed, which the console shows), including lazy ones out of view: a
+    # thumbnail still loading when the next run replaces it asks for a media file Streamlit has already dropped,
+    # a 404 in the console that says nothing about the page (seen once in CI, after leaving the Map page).
+    page.evaluate(_LOAD_ALL_IMAGES)
+    page.wait_for_function(_IMAGES_DONE, timeout=60_000)
     page.wait_for_timeout(1_000)
+
+
+_LOAD_ALL_IMAGES = "() => document.querySelectorAll('img[loading=\"lazy\"]').forEach(i => { i.loading = 'eager'; })"
+_IMAGES_DONE = "() => Array.from(document.images).every(i => i.complete)"
 
 
 def scatter_frame(page: Any) -> Any:
