@@ -64,8 +64,8 @@ class VAEConfig:
     =========================================================  =======  =====  ======  =====
 
     The last setting and two cheaper ones, measured on 2026-12-04 on the default split (1,026 train, 114 held out:
-    majority rates 0.58 / 0.06), with the fused 64 px preprocessing, in one afternoon on a loaded VM (so the
-    times are slower than above, and comparable with each other only):
+    majority rates 0.58 / 0.06), with the fused 64 px preprocessing, in one afternoon and evening on a loaded VM
+    (so the times are slower than above, and comparable with each other only):
 
     =========================================================  =======  =====  ======  =====
     VAE                                                        species  breed  FD      train
@@ -108,7 +108,8 @@ class VAEConfig:
     max_steps: int = 1500
     """Stop after this many optimiser steps whatever ``epochs`` says (0: no limit), so that training time stops
     growing with the store: the 1,140 pets take 990 steps at the defaults, the ~11k shared photos would take
-    14,000, and a few passes over many photos teach as much as many passes over few."""
+    about 9,300 (30 passes over 90% of 11,034 in batches of 32), and a few passes over many photos teach as much
+    as many passes over few."""
     batch_size: int = 32
     """Images per Adam step (32: twice the steps of 64 for the same passes, which a small store needs)."""
     lr: float = 2e-3
