@@ -596,3 +596,23 @@ def test_relu6_ceiling_skips_the_full_read_without_changing_a_number() -> None:
     fast = sampled_sparsity_metrics(acts, sample, nonnegative=True, ceiling=6.0)
     for m in METRICS:
         assert torch.equal(plain[m], fast[m]), m
+
+
+def test_device_path_of_the_sampled_metrics_matches_the_cpu_path() -> None:
+    # _sampled_torch is what a CUDA layer goes through (one torch op per step on the device); it runs on any
+    # device, so its arithmetic is checked here against the CPU path on the same sample: the same estimators,
+    # Gini included (every other sampled entry), up to float32 vs float64 summation.
+    from indexer.sparsity.metrics import BatchSample, _sampled_torch, gini_units, sampled_sparsity_metrics
+
+    g = torch.Generator().manual_seed(3)
+    acts = torch.relu(torch.randn(4, 48, 20, 20, generator=g)) * torch.rand(4, 48, 1, 1, generator=g)
+    acts[2] = 0.0  # an all-zero image
+    acts = acts.contiguous(memory_format=torch.channels_last)
+    sample = BatchSample(["a", "b", "c", "d"], 1001)  # odd: Gini reads gini_units(1001) = 501 entries
+    assert gini_units(1001) == 501
+    for nonnegative in (False, True):
+        cpu = sampled_sparsity_metrics(acts, sample, nonnegative=nonnegative)
+        dev = _sampled_torch(acts, sample, DEFAULT_THRESHOLD, nonnegative, acts[0].numel(), torch.device("cpu"))
+        for m in METRICS:
+            assert torch.allclose(cpu[m], dev[m], rtol=1e-5, atol=1e-6), (m, cpu[m], dev[m])
+    assert cpu["gini"][2].item() == 1.0 and cpu["near_zero_fraction"][2].item() == 1.0
