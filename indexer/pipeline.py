@@ -250,7 +250,7 @@ def run_index(
                            labels_csv=labels_csv, batch_size=batch_size, workers=workers, progress=progress,
                            commit_every_seconds=commit_every_seconds, sparsity=sparsity,
                            sparsity_threshold=sparsity_threshold, index_kind=index_kind, t_start=t_start,
-                           engine=engine)
+                           engine=engine, precision=precision)
 
 
 def _refuse_if_locked(store_path: Path) -> None:
@@ -284,12 +284,12 @@ def _run_locked(
     store: Store, rows: list[CatalogRow], matched: int | None, enc: Encoder, dev: torch.device, *,
     sources: Sequence[Path], layout: str, species: str | None, labels_csv: Path | None, batch_size: int,
     workers: int, progress: bool, commit_every_seconds: float, sparsity: bool | str, sparsity_threshold: float,
-    index_kind: str | None, t_start: float, engine: EngineOptions,
+    index_kind: str | None, t_start: float, engine: EngineOptions, precision: str = defaults.PRECISION,
 ) -> IndexReport:
     store_path = store.path
     if schema.ENCODER_SPACE not in store.space_names() and len(store):
         _recompute_encoder_space(store, enc, dev, batch_size=batch_size, workers=workers, progress=progress)
-    models = load_trained_models(store, dev)
+    models = load_trained_models(store, dev, precision)
     method = resolve_sparsity(store, sparsity)
     plan = _plan(store, enc, models, sparsity=method, threshold=sparsity_threshold)
     report = IndexReport(store=str(store_path), scanned=len(rows), labels_matched=matched)

@@ -164,7 +164,8 @@ class ModelStage:
         torch.set_num_threads(spec.threads or os.cpu_count() or 1)
         device = resolve_device("cuda" if spec.gpu else "cpu")
         enc = load_encoder(spec.encoder, device=str(device), precision=spec.precision)
-        models = load_trained_models(Store.open(Path(spec.store)), device) if spec.models else TrainedModels()
+        models = (load_trained_models(Store.open(Path(spec.store)), device, spec.precision) if spec.models
+                  else TrainedModels())
         self.plan = spec.plan
         self.finish = spec.finish
         self.runner = ShardRunner(enc, models, spec.plan, device)
