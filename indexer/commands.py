@@ -54,8 +54,8 @@ def _conf_index(p: argparse.ArgumentParser) -> None:
                    help="local engine: decode threads running ahead of the model (0: decode between batches)")
     p.add_argument("--device", default=defaults.DEVICE, help="auto (cuda if present), cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default=defaults.PRECISION,
-                   help="encoder arithmetic: auto = fp16 autocast on CUDA, bf16 for transformers on CPUs with "
-                        "native bf16 (cosine >= 0.999 to fp32), else fp32 (default %(default)s)")
+                   help="encoder arithmetic: auto = fp16 autocast on CUDA, bf16 for transformers and the VAE's "
+                        "encoder on CPUs with native bf16 (cosine >= 0.999 to fp32), else fp32 (default %(default)s)")
     p.add_argument("--sparsity", choices=("auto", *defaults.SPARSITY_METHODS), default=None,
                    help="per-layer activation sparsity: sampled (estimated from "
                         f"{defaults.SPARSITY_SAMPLE_UNITS} random units per image and layer; error bounds in "
