@@ -86,16 +86,17 @@ def load_trained_models(store: Store, device: torch.device | str = "cpu",
 def vae_autocast(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of the VAE's encoder when it computes the ``vae_*`` spaces (None: float32).
 
-    ``"auto"``: bfloat16 on a CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX) and float16 on CUDA, as
-    for a transformer encoder (:func:`indexer.encoders.autocast_dtype`), because unlike EfficientNet-Lite0 the
-    VAE's two strided convolutions keep their numbers: on the pets photos ``vae_mu`` in bfloat16 is within
-    cosine 0.99996 of float32 (tests/test_latent_spaces.py asserts 0.999), at 2.8x the speed on this project's
-    CPU (18.5 -> 6.5 ms for a batch of 32), a third of what all spaces add to indexing. Other precisions as for
-    encoders; the decoder (the latent explorer's images) always runs in float32."""
+    ``"auto"``: bfloat16 on a CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX), else float32. Unlike
+    EfficientNet-Lite0's, the default VAE's encoder keeps its numbers in bfloat16: on the pets photos ``vae_mu``
+    is within cosine 0.99996 of float32 (tests/test_latent_spaces.py asserts 0.999), at 2.8x the speed on this
+    project's CPU (18.5 -> 6.5 ms for a batch of 32). On CUDA ``"auto"`` stays float32: half precision there is
+    unmeasured (no GPU here), and the VAE's share of a GPU run is small. ``"fp16"``/``"bf16"`` force a half
+    precision as for encoders (:func:`indexer.encoders.registry.autocast_dtype`), ``"fp32"`` turns it off. The
+    decoder (the latent explorer's images) always runs in float32."""
     from indexer.encoders.registry import _cpu_has_bf16, autocast_dtype
 
-    if device.type == "cpu" and precision == "auto":
-        return torch.bfloat16 if _cpu_has_bf16() else None
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cpu" and _cpu_has_bf16() else None
     return autocast_dtype(precision, device, torch.channels_last)
 
 
