@@ -122,9 +122,11 @@ def space_is_current(store: Store, space: str, models: TrainedModels) -> bool:
 
 
 def space_meta(model: str, models: TrainedModels) -> dict[str, Any]:
+    from indexer.encoders.registry import precision_name
+
     meta = {"kind": model, "model": model, "model_sha256": models.sha256[model]}
     if model == VAE:
-        meta["precision"] = str(models.vae_autocast).removeprefix("torch.") if models.vae_autocast else "float32"
+        meta["precision"] = precision_name(models.vae_autocast)
     return meta
 
 

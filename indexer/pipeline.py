@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from indexer import defaults
 from indexer.encoders import Encoder, load_encoder, resolve_device
+from indexer.encoders.registry import precision_name
 from indexer.engines import EngineOptions
 from indexer.extract import Batch, FileResult, StageTimes, embed, iter_batches
 from indexer.latents import (
@@ -303,7 +304,7 @@ def _run_locked(
         "batch_size": batch_size,
         "workers": workers,
         "device": str(dev),
-        "precision": str(enc.autocast).removeprefix("torch.") if enc.autocast is not None else "float32",
+        "precision": precision_name(enc.autocast),
         "sparsity": method,
         "sparsity_threshold": sparsity_threshold,
         "index": index_kind or store.manifest.get("parameters", {}).get("index") or "auto",

@@ -143,6 +143,12 @@ def autocast_dtype(precision: str, device: torch.device, memory_format: torch.me
     return torch.bfloat16 if precision == "auto" and transformer and _cpu_has_bf16() else None
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """How a manifest names an autocast dtype (:func:`autocast_dtype`'s result): ``"bfloat16"``, ``"float16"``, or
+    ``"float32"`` for None (no autocast)."""
+    return str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+
+
 def _cpu_has_bf16() -> bool:
     """Native bfloat16 matrix arithmetic on this CPU (else oneDNN emulates it, slower than float32)."""
     try:

@@ -544,8 +544,8 @@ def _sampled_torch(acts: torch.Tensor, sample: BatchSample, threshold: float, no
     near = (c <= (threshold * peak)[:, None]).sum(dim=1).to(torch.float64)
     g = torch.sort(c[:, ::2], dim=1).values  # gini_units(units) entries, as on the CPU
     m = g.shape[1]
-    finite = torch.isfinite(peak) & torch.isfinite(c.sum(dim=1))
     l1 = c.sum(dim=1)
+    finite = torch.isfinite(peak) & torch.isfinite(l1)  # l1 is NaN or infinite when an entry is
     out = _combine(l1, (c * c).sum(dim=1), torch.zeros_like(l1), near, finite, units)
     g_l1 = g.sum(dim=1)
     g_zero = g_l1 == 0
