@@ -93,10 +93,10 @@ def vae_autocast(precision: str, device: torch.device) -> torch.dtype | None:
     unmeasured (no GPU here), and the VAE's share of a GPU run is small. ``"fp16"``/``"bf16"`` force a half
     precision as for encoders (:func:`indexer.encoders.registry.autocast_dtype`), ``"fp32"`` turns it off. The
     decoder (the latent explorer's images) always runs in float32."""
-    from indexer.encoders.registry import _cpu_has_bf16, autocast_dtype
+    from indexer.encoders.registry import autocast_dtype, cpu_has_bf16
 
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cpu" and _cpu_has_bf16() else None
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else None
     return autocast_dtype(precision, device, torch.channels_last)
 
 

@@ -521,11 +521,11 @@ def test_channels_last_for_cnns_only_and_embeddings_unchanged(tmp_path: Path, ef
 
 
 def test_cpu_bfloat16_for_transformers_only_and_within_cosine_0999(tmp_path: Path, effnet: Encoder) -> None:
-    from indexer.encoders.registry import _cpu_has_bf16
+    from indexer.encoders.registry import cpu_has_bf16
     from indexer.extract import embed
 
     vit = load_encoder(make_tiny_open_clip_checkpoint(tmp_path))
-    assert vit.autocast == (torch.bfloat16 if _cpu_has_bf16() else None)
+    assert vit.autocast == (torch.bfloat16 if cpu_has_bf16() else None)
     assert effnet.autocast is None  # a CNN loses more than the 0.999 in bfloat16 (0.996 measured)
     assert load_encoder(make_tiny_open_clip_checkpoint(tmp_path), precision="fp32").autocast is None
     photos = sorted(PETS.glob("*/*/*.jpg"))[::40]

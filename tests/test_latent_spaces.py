@@ -75,13 +75,13 @@ def test_vae_spaces_in_bfloat16_stay_within_cosine_0_999_of_float32(pets_store_f
 
     import torch
 
-    from indexer.encoders.registry import _cpu_has_bf16
+    from indexer.encoders.registry import cpu_has_bf16
     from indexer.latents import load_trained_models, vae_vectors
     from indexer.models.vae import vae_transform
 
     store = Store.open(pets_store_full)
     models = load_trained_models(store)
-    native = _cpu_has_bf16()
+    native = cpu_has_bf16()
     assert models.vae_autocast == (torch.bfloat16 if native else None)
     assert store.manifest["spaces"]["vae_mu"]["precision"] == ("bfloat16" if native else "float32")
     assert load_trained_models(store, precision="fp32").vae_autocast is None

@@ -17,10 +17,13 @@ from indexer.encoders.fold import fold_batchnorm, fold_same_padding
 __all__ = [
     "FAMILIES",
     "KNOWN_ENCODERS",
+    "autocast_dtype",
+    "cpu_has_bf16",
     "describe_known_encoders",
     "has_text_tower",
     "load_encoder",
     "parse_encoder_name",
+    "precision_name",
     "resolve_device",
 ]
 
@@ -140,7 +143,7 @@ def autocast_dtype(precision: str, device: torch.device, memory_format: torch.me
     if precision == "bf16":
         return torch.bfloat16
     transformer = memory_format != torch.channels_last
-    return torch.bfloat16 if precision == "auto" and transformer and _cpu_has_bf16() else None
+    return torch.bfloat16 if precision == "auto" and transformer and cpu_has_bf16() else None
 
 
 def precision_name(dtype: torch.dtype | None) -> str:
@@ -149,8 +152,10 @@ def precision_name(dtype: torch.dtype | None) -> str:
     return str(dtype).removeprefix("torch.") if dtype is not None else "float32"
 
 
-def _cpu_has_bf16() -> bool:
-    """Native bfloat16 matrix arithmetic on this CPU (else oneDNN emulates it, slower than float32)."""
+def cpu_has_bf16() -> bool:
+    """Native bfloat16 matrix arithmetic on this CPU (else oneDNN emulates it, slower than float32): what
+    ``precision="auto"`` asks of a CPU before it runs a transformer encoder, or the VAE's encoder
+    (``indexer.latents.vae_autocast``), in bfloat16."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
