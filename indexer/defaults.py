@@ -40,7 +40,7 @@ SPARSITY_THRESHOLD = 0.01
 # pass of EfficientNet-Lite0 on a CPU); "off" records none.
 SPARSITY = "sampled"
 SPARSITY_METHODS = ("sampled", "exact", "off")
-SPARSITY_SAMPLE_UNITS = 4096
+SPARSITY_SAMPLE_UNITS = 3072
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 

@@ -23,7 +23,7 @@ from indexer.encoders import Encoder
 from indexer.extract import Batch, FileResult, StageTimes, embed
 from indexer.latents import ENCODER, MAPPER, MODEL_SPACES, VAE, TrainedModels, mapper_vectors, vae_vectors
 from indexer.sparsity import SparsityRecorder
-from indexer.sparsity.metrics import gini_units
+from indexer.sparsity.metrics import SAMPLE_DESIGN, gini_units
 from indexer.store import Store, schema
 
 
@@ -46,7 +46,8 @@ class RunPlan:
     def sparsity_info(self, model: str) -> dict[str, Any]:
         kind, units = self.sampling
         info: dict[str, Any] = {"model_sha256": self.sparsity[model], "threshold": self.threshold, "method": kind}
-        return {**info, "sample_units": units, "gini_units": gini_units(units)} if kind == "sampled" else info
+        return {**info, "sample_units": units, "gini_units": gini_units(units),
+                "sample_design": SAMPLE_DESIGN} if kind == "sampled" else info
 
     def needs_vae_pixels(self) -> bool:
         return any(s in self.live_spaces for s in MODEL_SPACES[VAE])

@@ -383,9 +383,10 @@ def test_sparsity_method_is_recorded_kept_by_auto_and_a_new_one_recomputes_every
     assert cli(["index", str(src), "--store", str(store), "-q", "--workers", "0", "--species", "dog",
                 "--layout", "flat"]) == 0
     first, rows = info()
-    assert first["method"] == "sampled" and first["sample_units"] == 4096 and first["gini_units"] == 2048
+    assert first["method"] == "sampled" and first["sample_units"] == 3072 and first["gini_units"] == 1536
+    assert first["sample_design"] == "stratified-pixels-channels"
     assert rows["id"].nunique() == 6 and rows["value"].notna().all()
-    assert Store.open(store).manifest["parameters"]["sparsity"] == "sampled:4096"
+    assert Store.open(store).manifest["parameters"]["sparsity"] == "sampled:3072"
     # Another method recomputes every image's rows (one store, one method), and `auto` then keeps it.
     assert cli(["index", "--store", str(store), "-q", "--workers", "0", "--sparsity", "exact"]) == 0
     second, exact_rows = info()

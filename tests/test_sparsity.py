@@ -616,3 +616,32 @@ def test_device_path_of_the_sampled_metrics_matches_the_cpu_path() -> None:
         for m in METRICS:
             assert torch.allclose(cpu[m], dev[m], rtol=1e-5, atol=1e-6), (m, cpu[m], dev[m])
     assert cpu["gini"][2].item() == 1.0 and cpu["near_zero_fraction"][2].item() == 1.0
+
+
+def test_sample_design_spreads_each_half_over_the_pixels_and_channels_in_any_layout() -> None:
+    # BatchSample's design: each half of the sample (even entries, odd entries) has one entry per equal stratum of
+    # the pixels and cycles through all the channels, so every channel is read as often as any other, give or
+    # take one; Gini reads the even half, so every layout must read the same entries in the same order.
+    from indexer.sparsity.metrics import BatchSample, sampled_sparsity_metrics
+
+    ids, units, c, h, w = ["a", "b", "c"], 1001, 40, 7, 9
+    g = torch.Generator().manual_seed(4)
+    nchw = torch.relu(torch.randn(3, c, h, w, generator=g)) * torch.rand(3, c, 1, 1, generator=g)
+    last = nchw.contiguous(memory_format=torch.channels_last)
+    n, pixels = c * h * w, h * w
+    sample = BatchSample(ids, units)
+    off = sample.offsets(last, n).numpy()
+    assert off.shape == (3, units) and off.min() >= 0 and off.max() < n
+    for half, strata in ((off[:, ::2], (units + 1) // 2), (off[:, 1::2], units // 2)):
+        pixel, channel = half // c, half % c
+        j = np.arange(half.shape[1])
+        assert ((pixel >= np.floor(j * pixels / strata)) & (pixel <= (j + 1) * pixels / strata)).all()
+        for row in channel:
+            counts = np.bincount(row, minlength=c)
+            assert counts.max() - counts.min() <= 1
+    # The phase differs from image to image (seeded by the id), and so do the places within the strata.
+    assert len({int(o) % c for o in off[:, 0]}) > 1 and not (off[0] == off[1]).all()
+    a = sampled_sparsity_metrics(nchw, BatchSample(ids, units))
+    b = sampled_sparsity_metrics(last, BatchSample(ids, units))
+    for m in METRICS:
+        assert torch.equal(a[m], b[m]), m
