@@ -57,8 +57,8 @@ def _conf_index(p: argparse.ArgumentParser) -> None:
                    help="encoder arithmetic: auto = fp16 autocast on CUDA, bf16 for transformers and the VAE's "
                         "encoder on CPUs with native bf16 (cosine >= 0.999 to fp32), else fp32 (default %(default)s)")
     p.add_argument("--sparsity", choices=("auto", *defaults.SPARSITY_METHODS), default=None,
-                   help="per-layer activation sparsity: sampled (estimated from "
-                        f"{defaults.SPARSITY_SAMPLE_UNITS} random units per image and layer; error bounds in "
+                   help="per-layer activation sparsity: sampled (estimated from a stratified random sample of "
+                        f"{defaults.SPARSITY_SAMPLE_UNITS} units per image and layer; error bounds in "
                         "indexer/sparsity/metrics.py), exact (every unit; several times slower), off; auto (the "
                         f"default): the store's method, else {defaults.SPARSITY}")
     p.add_argument("--no-sparsity", action="store_true", help="same as --sparsity off")

@@ -35,8 +35,8 @@ VACUUM_EVERY_VERSIONS = 50
 # Sparsity's near-zero threshold, relative to each image's peak in a layer: 1% makes exact zeros always count,
 # and in a ReLU6 layer whose peak is 6 anything below 0.06 does too, i.e. a unit that is all but off.
 SPARSITY_THRESHOLD = 0.01
-# Per-layer sparsity while indexing: "sampled" estimates the metrics from this many random entries of each
-# image's layer (error bounds in indexer/sparsity/metrics.py); "exact" sorts every entry (about 3x the forward
+# Per-layer sparsity while indexing: "sampled" estimates the metrics from this many entries of each image's
+# layer, a stratified random sample (error bounds in indexer/sparsity/metrics.py); "exact" sorts every entry (about 3x the forward
 # pass of EfficientNet-Lite0 on a CPU); "off" records none.
 SPARSITY = "sampled"
 SPARSITY_METHODS = ("sampled", "exact", "off")
