@@ -36,8 +36,8 @@ VACUUM_EVERY_VERSIONS = 50
 # and in a ReLU6 layer whose peak is 6 anything below 0.06 does too, i.e. a unit that is all but off.
 SPARSITY_THRESHOLD = 0.01
 # Per-layer sparsity while indexing: "sampled" estimates the metrics from this many entries of each image's
-# layer, a stratified random sample (error bounds in indexer/sparsity/metrics.py); "exact" sorts every entry (about 3x the forward
-# pass of EfficientNet-Lite0 on a CPU); "off" records none.
+# layer, a stratified random sample (error bounds in indexer/sparsity/metrics.py); "exact" sorts every entry
+# (about 3x the forward pass of EfficientNet-Lite0 on a CPU); "off" records none.
 SPARSITY = "sampled"
 SPARSITY_METHODS = ("sampled", "exact", "off")
 SPARSITY_SAMPLE_UNITS = 3072
