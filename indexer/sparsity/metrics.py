@@ -422,8 +422,8 @@ class BatchSample:
     from 1,536) gave a smaller RMS error on every metric than 4,096 independent ones (Gini from 2,048): 0.0058
     against 0.0071 for the near-zero fraction, 0.0047 against 0.0059 for Hoyer, 0.0057 against 0.0069 for Gini,
     1.1% against 1.4% for the L1/L2 ratio (whose largest errors stayed the same, 8.5%), with a quarter fewer
-    reads and no sort of the draw. (Halves matter:
-    Gini from every other entry of one channel cycle would read only the even channels when C is even.)
+    reads and no sort of the draw. (The halves matter: Gini from every other entry of one channel cycle would
+    read only the even channels when C is even.)
 
     Positions ascend with ``j`` (the pixel strata are in order), up to the two halves and the channel wrapping
     inside a pixel, so in a channels-last layer (the CPU layout of every CNN here) they are memory offsets in
