@@ -23,7 +23,7 @@ from indexer.encoders import Encoder
 from indexer.extract import Batch, FileResult, StageTimes, embed
 from indexer.latents import ENCODER, MAPPER, MODEL_SPACES, VAE, TrainedModels, mapper_vectors, vae_vectors
 from indexer.sparsity import SparsityRecorder
-from indexer.sparsity.metrics import SAMPLE_DESIGN, gini_units
+from indexer.sparsity.metrics import GINI_ESTIMATOR, SAMPLE_DESIGN, gini_units
 from indexer.store import Store, schema
 
 
@@ -47,7 +47,7 @@ class RunPlan:
         kind, units = self.sampling
         info: dict[str, Any] = {"model_sha256": self.sparsity[model], "threshold": self.threshold, "method": kind}
         return {**info, "sample_units": units, "gini_units": gini_units(units),
-                "sample_design": SAMPLE_DESIGN} if kind == "sampled" else info
+                "sample_design": SAMPLE_DESIGN, "gini_estimator": GINI_ESTIMATOR} if kind == "sampled" else info
 
     def needs_vae_pixels(self) -> bool:
         return any(s in self.live_spaces for s in MODEL_SPACES[VAE])

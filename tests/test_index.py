@@ -385,6 +385,7 @@ def test_sparsity_method_is_recorded_kept_by_auto_and_a_new_one_recomputes_every
     first, rows = info()
     assert first["method"] == "sampled" and first["sample_units"] == 3072 and first["gini_units"] == 1536
     assert first["sample_design"] == "stratified-pixels-channels"
+    assert first["gini_estimator"] == "pairs-within-blocks-of-512"
     assert rows["id"].nunique() == 6 and rows["value"].notna().all()
     assert Store.open(store).manifest["parameters"]["sparsity"] == "sampled:3072"
     # Another method recomputes every image's rows (one store, one method), and `auto` then keeps it.

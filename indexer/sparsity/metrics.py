@@ -61,9 +61,11 @@ and the peak (:func:`take_sample`); the arithmetic runs once per batch for all l
   layer an image whose sample reaches 6 has its peak without it), so ``near_zero_fraction`` is an unbiased
   estimate of the exact fraction (one consequence: a NaN that the sample misses in such a layer goes unseen;
   a decoded photo gives none);
-- ``near_zero_fraction`` is that of the sample, and ``gini`` that of the sample's even half (:func:`gini_units`:
-  1,536 of 3,072), because Gini alone needs its entries sorted and the sort cost more than everything else the
-  sampled metrics do;
+- ``near_zero_fraction`` is that of the sample; ``gini`` is estimated from the sample's even half
+  (:func:`gini_units`: 1,536 of 3,072) dealt into 3 blocks of 512, each sorted on its own: the mean of
+  ``|a_i - a_j|`` over the pairs within the blocks estimates the layer's (:func:`_gini_from_blocks`), because
+  Gini alone needs its entries sorted, and NumPy sorts rows of up to 512 entries several times faster per entry
+  than longer ones (:data:`GINI_BLOCK`);
 - ``l1_l2_ratio`` is the sample's ratio times ``sqrt(n / units)`` (L1 scales with the count, L2 with its root),
   and ``hoyer`` is computed from that estimate with the layer's true ``n``.
 
@@ -72,11 +74,13 @@ Error (a fraction estimated from ``units`` independent draws has standard error 
 (every image, all 33 layers of EfficientNet-Lite0), see ``tests/test_sparsity.py`` for the asserted bounds: per
 image and layer, at most 0.04 for ``near_zero_fraction``, ``hoyer`` and ``gini`` and 15% relative for
 ``l1_l2_ratio``; a layer's mean over 64 images within 0.005 (1% relative for ``l1_l2_ratio``).  Measured on 192
-pets photos (2026-12-05): at most 0.024, 0.022 and 0.023 per image and layer (RMS 0.0058, 0.0047, 0.0057) and
-8.5% for the L1/L2 ratio (RMS 1.1%); layer means over 64 photos within 0.0025 and 0.54%.  Layers with at most
+pets photos (2026-12-05): at most 0.024, 0.022 and 0.024 per image and layer (RMS 0.0058, 0.0047, 0.0057) and
+8.5% for the L1/L2 ratio (RMS 1.1%); layer means over 64 photos within 0.0023 and 0.54%.  Layers with at most
 ``units`` entries are computed exactly.  Rows that stores hold from before 2026-12-05 were sampled at 4,096
-independent uniform positions (Gini from 2,048 of them: at most 0.027 off), the same estimators within the same
-bounds; the manifest's sparsity entry records ``sample_design`` since.
+independent uniform positions (Gini from one sort of 2,048 of them: at most 0.027 off), and rows written earlier
+on 2026-12-05 took Gini from one sort of the whole even half (at most 0.023 off, RMS 0.0057): the same
+quantities within the same bounds; the manifest's sparsity entry records ``sample_design`` and, since the
+blocks, ``gini_estimator``.
 
 :data:`DEFAULT_THRESHOLD` is ``indexer.defaults.SPARSITY_THRESHOLD``.
 """
@@ -94,10 +98,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from numpy.lib.stride_tricks import sliding_window_view
 
 from indexer import defaults
 
-__all__ = ["DEFAULT_SAMPLE_UNITS", "DEFAULT_THRESHOLD", "METRICS", "SAMPLE_DESIGN", "BatchSample", "LayerSample",
+__all__ = ["DEFAULT_SAMPLE_UNITS", "DEFAULT_THRESHOLD", "GINI_BLOCK", "GINI_ESTIMATOR", "METRICS", "SAMPLE_DESIGN",
+           "BatchSample", "LayerSample",
            "finish_samples", "gini_units", "image_seeds", "sampled_sparsity_metrics", "sparsity_metrics",
            "take_sample"]
 
@@ -105,8 +111,10 @@ METRICS: tuple[str, ...] = ("near_zero_fraction", "hoyer", "gini", "l1_l2_ratio"
 
 DEFAULT_THRESHOLD: float = defaults.SPARSITY_THRESHOLD  # see indexer/defaults.py
 DEFAULT_SAMPLE_UNITS: int = defaults.SPARSITY_SAMPLE_UNITS
-# What a store's manifest records of how its sampled rows were drawn (BatchSample's design).
+# What a store's manifest records of how its sampled rows were drawn (BatchSample's design) and of how Gini is
+# estimated from them (_gini_from_blocks).
 SAMPLE_DESIGN = "stratified-pixels-channels"
+GINI_ESTIMATOR = "pairs-within-blocks-of-512"
 
 # Rows of images sorted together on non-CPU devices: bounds the float64 copy to 512 MiB.
 _DEVICE_CHUNK_ELEMENTS = 1 << 26
@@ -362,34 +370,50 @@ def _channel_count(acts: torch.Tensor) -> int:
     return 1
 
 
-def _stratified_positions(draw: np.ndarray, n: int, channels: int) -> np.ndarray:
+def _stratified_positions(draw: np.ndarray, n: int, channels: int, pixels: np.ndarray | None = None) -> np.ndarray:
     """``(B, units)`` logical positions of :class:`BatchSample`'s design in layers of ``n`` entries whose logical
-    order ends in an axis of ``channels``, from each image's draw ``(B, units + 1)``."""
+    order ends in an axis of ``channels``, from each image's draw ``(B, units + 1)``. ``pixels``: the layer's
+    :func:`_pixel_strata` if already at hand (layers of one pixel count share them), else they are computed."""
     units = draw.shape[1] - 1
-    groups = n // channels  # pixels (or tokens)
-    k = np.arange(units, dtype=np.int64)
-    j, odd = k // 2, k % 2
-    # Entries 2j and 2j + 1 fall in the j-th of the even entries' (or the odd entries') equal strata of the pixels,
-    # each uniformly within it. The float rounding of (j + v) * groups / strata can reach `groups` only in the
-    # last stratum, hence the clamp.
-    strata = np.where(odd == 0, (units + 1) // 2, units // 2)
-    group = ((draw[:, :-1] + j) * (groups / strata)).astype(np.int64)
-    np.minimum(group, groups - 1, out=group)
+    group = _pixel_strata(draw, n // channels) if pixels is None else pixels
     if channels == 1:
         return group
-    group *= channels
+    out = group * channels
     # Channel (j + phase) mod C for the even entries and half a cycle on for the odd ones: each half runs
     # through all C channels from a random phase, so every channel is read units / C times (give or take one)
-    # and never by chance not at all.
-    cycle = (draw[:, -1:] * channels).astype(np.int64) + j + odd * (channels // 2)
-    group += _channel_cycle(channels, units)[cycle]
+    # and never by chance not at all. Each image's channels are one contiguous run of the table
+    # i % C (a window of it, from its phase): a copy per image instead of an index per entry.
+    phase = (draw[:, -1] * channels).astype(np.int64)
+    table = _channel_cycle(channels, units)
+    out[:, 0::2] += sliding_window_view(table, (units + 1) // 2)[phase]
+    if units > 1:
+        out[:, 1::2] += sliding_window_view(table, units // 2)[phase + channels // 2]
+    return out
+
+
+def _pixel_strata(draw: np.ndarray, groups: int) -> np.ndarray:
+    """``(B, units)`` pixel (or token) index of every entry of :class:`BatchSample`'s design in a layer of
+    ``groups`` pixels: entries 2j and 2j + 1 fall in the j-th of the even entries' (or the odd entries') equal
+    strata of the pixels, each uniformly within it."""
+    j, strata = _strata(draw.shape[1] - 1)
+    group = ((draw[:, :-1] + j) * (groups / strata)).astype(np.int64)
+    # The float rounding of (j + v) * groups / strata can reach `groups` only in the last stratum.
+    np.minimum(group, groups - 1, out=group)
     return group
+
+
+@functools.lru_cache(maxsize=8)
+def _strata(units: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each of a sample's ``units`` entries: its stratum ``j`` within its half, and that half's stratum count."""
+    k = np.arange(units, dtype=np.int64)
+    j, odd = k // 2, k % 2
+    return j, np.where(odd == 0, (units + 1) // 2, units // 2)
 
 
 @functools.lru_cache(maxsize=64)
 def _channel_cycle(channels: int, units: int) -> np.ndarray:
-    """``i % channels`` for every index :func:`_stratified_positions` can form (a table lookup is several times
-    cheaper than NumPy's integer modulo)."""
+    """``i % channels`` for every index :func:`_stratified_positions` can form (read in windows: a copy per image
+    is several times cheaper than NumPy's integer modulo per entry)."""
     return np.arange(units // 2 + 2 * channels, dtype=np.int64) % channels
 
 
@@ -434,6 +458,9 @@ class BatchSample:
         self.ids = tuple(ids)
         self.units = int(units)
         self._offsets: dict[tuple[Any, ...], torch.Tensor] = {}
+        # Pixel strata by pixel count: layers of different shapes often share one (EfficientNet-Lite0: 12 shapes,
+        # 6 pixel counts), and computing them is most of the positions' cost.
+        self._pixels: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -449,7 +476,11 @@ class BatchSample:
         key = (tuple(acts.shape[1:]), tuple(acts.stride()[1:]) if dense else None, acts.device)
         got = self._offsets.get(key)
         if got is None:
-            logical = _stratified_positions(self.draw(), n, _channel_count(acts))
+            channels = _channel_count(acts)
+            pixels = self._pixels.get(n // channels)
+            if pixels is None:
+                pixels = self._pixels[n // channels] = _pixel_strata(self.draw(), n // channels)
+            logical = _stratified_positions(self.draw(), n, channels, pixels)
             got = self._offsets[key] = torch.from_numpy(_offsets_of(acts, logical, dense)).to(acts.device)
         return got
 
@@ -459,7 +490,7 @@ class LayerSample:
     """What a hook keeps of one layer's activations for :func:`finish_samples`: the sampled entries and the
     exact peak ``max |a|`` per image (NaN when the image's activations are not finite), and the layer's size."""
 
-    picked: np.ndarray  # (B, units) float32, signed as read
+    picked: np.ndarray  # (B, units) float32 magnitudes |a| (NaN where the read was NaN)
     peak: np.ndarray  # (B,) float64
     n: int
 
@@ -477,8 +508,10 @@ def take_sample(acts: torch.Tensor, sample: BatchSample, *, nonnegative: bool = 
     # high as it goes). Other images: max (a ReLU) or min and max in one pass, one image at a time over its row
     # (torch's reductions use both cores here: 25% faster than NumPy's max, 2x its max + min; torch's
     # batched aminmax(dim=1) over these rows was 9x slower), and no |a| copy.
-    # A ReLU's entries are their own magnitudes: no |a| copy of the sample.
-    top = (picked if nonnegative else np.abs(picked)).max(axis=1).astype(np.float64) if picked.size else np.zeros(b)
+    # Every metric reads magnitudes: |a| once here (a ReLU's entries are their own), none in finish_samples.
+    if not nonnegative:
+        np.abs(picked, out=picked)
+    top = picked.max(axis=1).astype(np.float64) if picked.size else np.zeros(b)
     with np.errstate(invalid="ignore"):
         full = np.ones(b, dtype=bool) if ceiling is None or not nonnegative else ~(top >= ceiling)
     peak = top.copy()
@@ -515,27 +548,81 @@ def _count_at_most(c: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 def gini_units(units: int) -> int:
     """How many of a sample's ``units`` entries its Gini index is computed from: the even half of the sample
-    (:class:`BatchSample`: itself a sample stratified over the pixels and the channels). Gini is the only metric
-    that needs the entries sorted, and that sort was most of the sampled metrics' cost (30 of 60 ms per batch of
-    32 through EfficientNet-Lite0 at 4,096 entries; NumPy sorts these rows at about 7 ns per entry here); halving
-    it costs Gini little precision (with independent positions, 192 pets photos, every layer, against the exact
-    metric: at most 0.027 per image and layer, RMS 0.007, against 0.020 and 0.005 from all 4,096 entries), while
-    the near-zero fraction, Hoyer and the L1/L2 ratio, which are sums, keep every entry."""
-    return (int(units) + 1) // 2
+    (:class:`BatchSample`: itself a sample stratified over the pixels and the channels), cut into equal blocks of
+    at most :data:`GINI_BLOCK` (:func:`_gini_order`; up to ``blocks - 1`` entries of the half are left out so
+    that the blocks are equal: none at the default 3,072). Gini is the only metric that needs its entries
+    sorted; the near-zero fraction, Hoyer and the L1/L2 ratio, which are sums, read every entry."""
+    blocks, size = _gini_blocks((int(units) + 1) // 2)
+    return blocks * size
+
+
+# Gini sorts its entries in blocks of at most this many. NumPy sorts a float32 row of up to 512 entries in SIMD
+# sorting networks (AVX-512 here: 1.1-1.3 ns per entry), a longer one by quicksort at 4.4-7.4 ns (measured
+# 2026-12-05 over 1.6 M entries in rows of 128 to 4,096), so 1,536 entries sort 4.5x faster as 3 rows of 512.
+GINI_BLOCK = 512
+# Seeds the fixed order that deals the even half's entries into Gini's blocks.
+_GINI_ORDER_SEED = 0x61A1
+
+
+def _gini_blocks(m: int) -> tuple[int, int]:
+    """(blocks, entries per block) for a Gini of up to ``m`` entries: as few blocks of at most
+    :data:`GINI_BLOCK` as will do, all of one size."""
+    blocks = max(1, -(-m // GINI_BLOCK))
+    return blocks, max(1, m // blocks)
+
+
+@functools.lru_cache(maxsize=8)
+def _gini_order(units: int) -> np.ndarray:
+    """Where Gini's entries lie in a sample of ``units``, block after block (:func:`gini_units` of them): the
+    sample's even entries dealt into the blocks by one fixed pseudo-random permutation.
+
+    Random, because a block's pairs of entries must be like any pair of the half: blocks of consecutive strata
+    (bands of the image) or of every third stratum (a third of the channels when 3 divides C) biased some layers'
+    Gini by up to 0.008 on average over 64 pets photos, against at most 0.0021 dealt at random. Fixed, so that
+    every image is read the same way in every run."""
+    m = (units + 1) // 2
+    blocks, size = _gini_blocks(m)
+    order = 2 * np.random.default_rng(_GINI_ORDER_SEED).permutation(m)[: blocks * size]
+    order.flags.writeable = False
+    return order
+
+
+def _gini_from_blocks(g: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Gini estimates ``(...)`` from blocks ``(..., blocks, size)`` of magnitudes, each sorted ascending, for layers
+    of ``n`` entries (broadcast against ``(...)``).
+
+    The exact metric (module docstring) is ``G = (n - 1) / (2 n) * D / mu`` with ``D`` the mean of ``|a_i - a_j|``
+    over the layer's pairs of entries and ``mu`` its mean |a|. Within a sorted block ``sum_{i<j} |c_i - c_j| =
+    sum_k (2k - size - 1) c_k``; the blocks' pairs, averaged, estimate ``D`` without bias (an incomplete
+    U-statistic, with the variance of the complete one to first order), and their entries' mean estimates
+    ``mu``: ``G = (n - 1) / n * sum_blocks sum_k (2k - size - 1) c_k / ((size - 1) * sum |c|)``. A block of one
+    entry has no pair: Gini 0. No active entry among Gini's: 1.0, the sparse end, as for an all-zero layer."""
+    size = g.shape[-1]
+    weights = _gini_weights(size).numpy().astype(np.float32)
+    pairs_sum = np.einsum("...rk,k->...", g, weights).astype(np.float64)  # float32 sums: as in finish_samples
+    return _gini_value(pairs_sum, np.einsum("...rk->...", g).astype(np.float64), size, n)
+
+
+def _gini_value(pairs_sum: np.ndarray, total: np.ndarray, size: int, n: np.ndarray | float) -> np.ndarray:
+    """:func:`_gini_from_blocks`' formula from its two sums (``sum_blocks sum_k (2k - size - 1) c_k`` and
+    ``sum |c|``), blocks of ``size``, layers of ``n`` entries."""
+    zero = total == 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        gini = (n - 1) / n * pairs_sum / (max(size - 1, 1) * np.where(zero, 1.0, total))
+    return np.where(zero, 1.0, np.clip(gini, 0.0, 1.0))
 
 
 def finish_samples(parts: list[LayerSample], threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
     """``(L, len(METRICS), B)`` float64 metrics of the layers whose samples :func:`take_sample` read (all from
     the same batch and :class:`BatchSample`): sums and near-zero counts over every sampled entry, Gini from
-    a sort of :func:`gini_units` of them, for all layers at once (the sort took 13 ms for a batch of 32 through
-    EfficientNet-Lite0, 2026-12-04, against 30 ms for all entries; two threads took less alone, but in an
-    indexing run the second core is the decode thread's or torch's spinning OpenMP worker's, so it stays one),
-    and the edge cases of :func:`_combine` as array operations (per layer it was 40 small tensor ops)."""
+    :func:`gini_units` of them sorted in blocks (:func:`_gini_from_blocks`), for all layers at once, in one
+    thread (two took less alone, but in an indexing run the second core is the decode thread's or torch's
+    spinning OpenMP worker's), and the edge cases of :func:`_combine` as array operations (per layer it was 40
+    small tensor ops)."""
     threshold = _check_threshold(threshold)
     if not parts:
         return np.zeros((0, len(METRICS), 0), dtype=np.float64)
-    c = np.stack([p.picked for p in parts])  # (L, B, units) float32
-    np.abs(c, out=c)
+    c = np.stack([p.picked for p in parts])  # (L, B, units) float32 magnitudes
     peak = np.stack([p.peak for p in parts])  # (L, B)
     n = np.array([p.n for p in parts], dtype=np.float64)[:, None]  # (L, 1)
     units = c.shape[2]
@@ -550,10 +637,10 @@ def finish_samples(parts: list[LayerSample], threshold: float = DEFAULT_THRESHOL
     with np.errstate(invalid="ignore"):
         t32 = np.where(t32.astype(np.float64) > t, np.nextafter(t32, np.float32(-np.inf)), t32)
         near = np.count_nonzero(c <= t32[..., None], axis=-1) / units  # NaN compares False: never counted
-    g = np.sort(c[..., ::2], axis=-1)  # gini_units(units) entries, ascending
-    m = g.shape[2]
-    g_l1 = np.einsum("lbu->lb", g).astype(np.float64)
-    gini_num = np.einsum("lbu,u->lb", g, _gini_weights(m).numpy().astype(np.float32)).astype(np.float64)
+    blocks, size = _gini_blocks((units + 1) // 2)
+    g = np.take(c, _gini_order(units), axis=-1).reshape(*c.shape[:2], blocks, size)
+    g.sort(axis=-1)
+    gini = _gini_from_blocks(g, n)
     # take_sample makes the peak NaN when the sample holds a NaN or an infinity; l1 says it too.
     finite = np.isfinite(peak) & np.isfinite(l1)
     zero = l1 == 0
@@ -563,8 +650,6 @@ def finish_samples(parts: list[LayerSample], threshold: float = DEFAULT_THRESHOL
         ratio = np.where(zero, 0.0, l1 / np.sqrt(sumsq) * np.sqrt(n / units))
         root_n = np.sqrt(n)
         hoyer = np.where(zero, 1.0, np.clip((root_n - ratio) / (root_n - 1.0), 0.0, 1.0))
-        g_zero = g_l1 == 0  # no active entry among Gini's: the sparse end, as for an all-zero layer
-        gini = np.where(g_zero, 1.0, np.clip(gini_num / (m * np.where(g_zero, 1.0, g_l1)), 0.0, 1.0))
     out = np.stack([near, hoyer, gini, ratio], axis=1)  # (L, 4, B), METRICS order
     return np.where(finite[:, None, :], out, math.nan)
 
@@ -606,16 +691,15 @@ def _sampled_torch(acts: torch.Tensor, sample: BatchSample, threshold: float, no
     peak = (top if nonnegative else torch.maximum(top, -rows.amin(dim=1))).to(torch.float64)
     c = picked.abs().to(torch.float64)
     near = (c <= (threshold * peak)[:, None]).sum(dim=1).to(torch.float64)
-    g = torch.sort(c[:, ::2], dim=1).values  # gini_units(units) entries, as on the CPU
-    m = g.shape[1]
+    blocks, size = _gini_blocks((units + 1) // 2)
+    order = torch.from_numpy(_gini_order(units).copy()).to(c.device)
+    g = torch.sort(c[:, order].reshape(b, blocks, size), dim=2).values  # Gini's blocks, as on the CPU
+    gini_np = _gini_value((g @ _gini_weights(size, g.device)).sum(dim=1).cpu().numpy(),
+                          g.sum(dim=(1, 2)).cpu().numpy(), size, float(n))
+    gini = torch.from_numpy(gini_np).to(c.device)
     l1 = c.sum(dim=1)
     finite = torch.isfinite(peak) & torch.isfinite(l1)  # l1 is NaN or infinite when an entry is
     out = _combine(l1, (c * c).sum(dim=1), torch.zeros_like(l1), near, finite, units)
-    g_l1 = g.sum(dim=1)
-    g_zero = g_l1 == 0
-    gini = torch.where(g_zero, torch.ones_like(g_l1),
-                       ((g @ _gini_weights(m, g.device)) / (m * torch.where(g_zero, torch.ones_like(g_l1), g_l1))
-                        ).clamp(0.0, 1.0))
     # L1 grows like the count and L2 like its square root: the layer's ratio is the sample's times
     # sqrt(n / units); Hoyer then uses the layer's own n.
     ratio = out["l1_l2_ratio"] * math.sqrt(n / units)
