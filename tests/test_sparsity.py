@@ -271,20 +271,6 @@ def test_result_does_not_depend_on_thread_count_or_batch() -> None:
     assert all(math.isnan(batch[m][5].item()) for m in METRICS)
 
 
-def test_count_at_most_is_the_comparison_count_in_sorted_rows() -> None:
-    from indexer.sparsity.metrics import _count_at_most
-
-    rng = np.random.default_rng(0)
-    for _ in range(100):
-        units = int(rng.integers(1, 40))
-        c = rng.choice([0.0, 0.5, 1.0, 2.0, math.nan], size=(3, 4, units)).astype(np.float32)
-        c.sort(axis=-1)
-        t = rng.choice([-1.0, 0.0, 0.5, 1.5, 2.0, math.nan], size=(3, 4)).astype(np.float32)
-        with np.errstate(invalid="ignore"):
-            expected = (c <= t[..., None]).sum(axis=-1)
-        assert np.array_equal(_count_at_most(c, t), expected)
-
-
 # ------------------------------------------------------------------------------------------------- layers and hooks
 
 

@@ -20,6 +20,12 @@ _T = TypeVar("_T")
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode and no autograd for the block, then the model's previous mode again."""
     was_training = model.training
+    if not any(m.training for m in model.modules()):
+        # Already in eval mode throughout (the indexer's models, batch after batch): setting and restoring the
+        # mode walks every submodule twice, for nothing.
+        with torch.no_grad():
+            yield
+        return
     model.eval()
     try:
         with torch.no_grad():
