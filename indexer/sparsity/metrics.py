@@ -383,13 +383,10 @@ def _stratified_positions(draw: np.ndarray, n: int, channels: int, pixels: np.nd
     out = group * channels
     # Channel (j + phase) mod C for the even entries and half a cycle on for the odd ones: each half runs
     # through all C channels from a random phase, so every channel is read units / C times (give or take one)
-    # and never by chance not at all. Each image's channels are one contiguous run of the table
-    # i % C (a window of it, from its phase): a copy per image instead of an index per entry.
+    # and never by chance not at all. Each image's channels are one contiguous run of _channel_cycle's table
+    # (a window of it, from twice its phase): a copy per image instead of arithmetic per entry.
     phase = (draw[:, -1] * channels).astype(np.int64)
-    table = _channel_cycle(channels, units)
-    out[:, 0::2] += sliding_window_view(table, (units + 1) // 2)[phase]
-    if units > 1:
-        out[:, 1::2] += sliding_window_view(table, units // 2)[phase + channels // 2]
+    out += sliding_window_view(_channel_cycle(channels, units), units)[2 * phase]
     return out
 
 
@@ -414,9 +411,16 @@ def _strata(units: int) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=64)
 def _channel_cycle(channels: int, units: int) -> np.ndarray:
-    """``i % channels`` for every index :func:`_stratified_positions` can form (read in windows: a copy per image
-    is several times cheaper than NumPy's integer modulo per entry)."""
-    return np.arange(units // 2 + 2 * channels, dtype=np.int64) % channels
+    """The channels of both halves of the sample, interleaved: ``t % C`` at ``2t`` and ``(t + C // 2) % C`` at
+    ``2t + 1``, long enough for every phase, so that the window from ``2 * phase`` holds an image's channels for
+    all of :func:`_stratified_positions`' entries (entry ``2j`` reads ``(j + phase) % C``, entry ``2j + 1``
+    ``(j + phase + C // 2) % C``)."""
+    t = np.arange(units // 2 + channels + 1, dtype=np.int64)
+    table = np.empty(2 * len(t), dtype=np.int64)
+    table[0::2] = t % channels
+    table[1::2] = (t + channels // 2) % channels
+    table.flags.writeable = False
+    return table
 
 
 @functools.lru_cache(maxsize=4)
