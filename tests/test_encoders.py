@@ -470,8 +470,8 @@ def test_package_exports_device_and_text_tower_helpers() -> None:
 
 
 def test_family_modules_do_not_import_the_registry() -> None:
-    """Families import only ``common`` (no cycle; ``common`` the leaf ``fused``); the registry imports them, not
-    the other way round."""
+    """Families import only ``common`` and leaves (no cycle; ``common`` the leaf ``fused``, open_clip the leaf
+    ``attention``); the registry imports them, not the other way round."""
     package = Path(indexer.encoders.__file__).parent
     for module in ("common", "efficientnet", "openclip", "timm_models"):
         tree = ast.parse((package / f"{module}.py").read_text(encoding="utf-8"))
@@ -482,7 +482,8 @@ def test_family_modules_do_not_import_the_registry() -> None:
             elif isinstance(node, ast.Import):
                 ours.update(alias.name for alias in node.names)
         ours = {m for m in ours if m.startswith((".", "indexer.encoders"))}
-        assert ours <= {"indexer.encoders.common", "indexer.encoders.fused"}, (module, ours)
+        leaves = {"indexer.encoders.common", "indexer.encoders.fused", "indexer.encoders.attention"}
+        assert ours <= leaves, (module, ours)
 
 
 def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -534,6 +535,37 @@ def test_cpu_bfloat16_for_transformers_only_and_within_cosine_0999(tmp_path: Pat
     half = embed(vit.model, batch, cpu, memory_format=vit.memory_format, autocast=torch.bfloat16)
     full = embed(vit.model, batch, cpu, memory_format=vit.memory_format)
     assert _cosines(torch.from_numpy(half), torch.from_numpy(full)).min() >= 0.999
+
+
+def test_packed_self_attention_is_multihead_attention_and_takes_over_under_autocast(tmp_path: Path) -> None:
+    # Under CPU autocast nn.MultiheadAttention's generic path copied its weight once per token (bfloat16 slower
+    # than float32 for open_clip's ViT); PackedSelfAttention computes the same attention from contiguous rows
+    # there and is the parent, bit for bit, everywhere else.
+    from indexer.encoders.attention import PackedSelfAttention, pack_self_attention, packed_self_attention
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.MultiheadAttention(64, 4, batch_first=True)).eval()
+    x = torch.randn(3, 10, 64)
+    with torch.inference_mode():
+        ref = net[0](x, x, x, need_weights=False)[0]
+        assert pack_self_attention(net) == 1 and isinstance(net[0], PackedSelfAttention)
+        assert torch.equal(net[0](x, x, x, need_weights=False)[0], ref)  # float32: the parent's own path
+        assert torch.allclose(packed_self_attention(net[0], x), ref, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = net[0](x, x, x, need_weights=False)[0]
+            assert torch.equal(half, packed_self_attention(net[0], x))
+            mask = torch.zeros(10, 10)
+            masked = net[0](x, x, x, need_weights=False, attn_mask=mask)[0]  # a mask: the parent's path
+        tokens = ref.reshape(-1, 64)
+        assert _cosines(half.reshape(-1, 64), tokens).min() >= 0.999
+        assert _cosines(masked.reshape(-1, 64), tokens).min() >= 0.999
+    # open_clip's image tower gets it; its text tower (causal masks) keeps its own.
+    vit = load_encoder(make_tiny_open_clip_checkpoint(tmp_path))
+    clip = vit.model.clip  # type: ignore[union-attr]
+    attn = [type(m) for m in clip.visual.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    assert attn and set(attn) == {PackedSelfAttention}
+    assert all(type(m) is torch.nn.MultiheadAttention
+               for m in clip.transformer.modules() if isinstance(m, torch.nn.MultiheadAttention))
 
 
 def test_unknown_precision_is_an_encoder_error() -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from indexer.encoders.attention import pack_self_attention
 from indexer.encoders.common import (
     Encoder,
     EncoderError,
@@ -219,6 +220,8 @@ def load_open_clip(name: str, model_name: str, pretrained: str, device: torch.de
         raise EncoderError(f"{name}: cannot build open_clip model '{model_name}' ({one_line(exc)})") from exc
 
     freeze(clip, device)
+    # Fast self-attention under CPU autocast (precision auto on a bfloat16 CPU): indexer/encoders/attention.py.
+    pack_self_attention(clip.visual)
     resize_mode = (getattr(clip.visual, "preprocess_cfg", None) or {}).get("resize_mode", "shortest")
     return build_encoder(
         name,
