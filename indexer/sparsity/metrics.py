@@ -111,10 +111,14 @@ METRICS: tuple[str, ...] = ("near_zero_fraction", "hoyer", "gini", "l1_l2_ratio"
 
 DEFAULT_THRESHOLD: float = defaults.SPARSITY_THRESHOLD  # see indexer/defaults.py
 DEFAULT_SAMPLE_UNITS: int = defaults.SPARSITY_SAMPLE_UNITS
+# Gini sorts its entries in blocks of at most this many. NumPy sorts a float32 row of up to 512 entries in SIMD
+# sorting networks (AVX-512 here: 1.1-1.3 ns per entry), a longer one by quicksort at 4.4-7.4 ns (measured
+# 2026-12-05 over 1.6 M entries in rows of 128 to 4,096), so 1,536 entries sort 4.5x faster as 3 rows of 512.
+GINI_BLOCK = 512
 # What a store's manifest records of how its sampled rows were drawn (BatchSample's design) and of how Gini is
 # estimated from them (_gini_from_blocks).
 SAMPLE_DESIGN = "stratified-pixels-channels"
-GINI_ESTIMATOR = "pairs-within-blocks-of-512"
+GINI_ESTIMATOR = f"pairs-within-blocks-of-{GINI_BLOCK}"
 
 # Rows of images sorted together on non-CPU devices: bounds the float64 copy to 512 MiB.
 _DEVICE_CHUNK_ELEMENTS = 1 << 26
@@ -482,11 +486,11 @@ class BatchSample:
         key = (tuple(acts.shape[1:]), tuple(acts.stride()[1:]) if dense else None, acts.device)
         got = self._offsets.get(key)
         if got is None:
-            channels = _channel_count(acts)
+            draw, channels = self.draw(), _channel_count(acts)
             pixels = self._pixels.get(n // channels)
             if pixels is None:
-                pixels = self._pixels[n // channels] = _pixel_strata(self.draw(), n // channels)
-            logical = _stratified_positions(self.draw(), n, channels, pixels)
+                pixels = self._pixels[n // channels] = _pixel_strata(draw, n // channels)
+            logical = _stratified_positions(draw, n, channels, pixels)
             got = self._offsets[key] = torch.from_numpy(_offsets_of(acts, logical, dense)).to(acts.device)
         return got
 
@@ -542,10 +546,6 @@ def gini_units(units: int) -> int:
     return blocks * size
 
 
-# Gini sorts its entries in blocks of at most this many. NumPy sorts a float32 row of up to 512 entries in SIMD
-# sorting networks (AVX-512 here: 1.1-1.3 ns per entry), a longer one by quicksort at 4.4-7.4 ns (measured
-# 2026-12-05 over 1.6 M entries in rows of 128 to 4,096), so 1,536 entries sort 4.5x faster as 3 rows of 512.
-GINI_BLOCK = 512
 # Seeds the fixed order that deals the even half's entries into Gini's blocks.
 _GINI_ORDER_SEED = 0x61A1
 
