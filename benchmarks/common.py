@@ -35,12 +35,31 @@ def shown(path: Path) -> str:
 def machine() -> dict[str, Any]:
     return {
         "cpu_count": os.cpu_count(),
+        **_cpu(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
+
+
+# CPU features that change which path is fastest (bfloat16 matmuls run natively with AVX512-BF16 and far faster
+# with AMX): a shared VM's host can change between runs, and results are only comparable on the same one.
+_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def _cpu() -> dict[str, Any]:
+    """The CPU's model name and the flags of :data:`_CPU_FLAGS` it has (Linux's /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)  # the last CPU's: all alike
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return {"cpu_model": fields.get("model name", platform.processor()),
+            "cpu_flags": [f for f in _CPU_FLAGS if f in flags]}
 
 
 def write_results(name: str, results: dict[str, Any]) -> Path:
