@@ -655,7 +655,7 @@ def test_gini_blocks_deal_the_even_half_at_random() -> None:
     from indexer.sparsity.metrics import _gini_blocks, _gini_order, gini_units
 
     order = _gini_order(3072)
-    assert gini_units(3072) == len(order) == 1536 and _gini_blocks(1536) == (3, 512)
+    assert gini_units(3072) == len(order) == 1536 and _gini_blocks(3072) == (3, 512)
     assert sorted(order.tolist()) == list(range(0, 3072, 2))  # the even half, each entry once
     j = order.reshape(3, 512) // 2  # stratum of each entry, per block
     for block in j:
